@@ -1,0 +1,28 @@
+# One-command set-up. CPU machines get the CPU build of torch through constraints-cpu.txt;
+# on a GPU machine run `make install CONSTRAINTS=` after installing your own torch.
+PYTHON ?= python3
+VENV ?= .venv
+CONSTRAINTS ?= -c constraints-cpu.txt
+BIN := $(VENV)/bin
+
+.PHONY: install quickstart test test-all lint
+
+$(BIN)/raylign: pyproject.toml constraints-cpu.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(CONSTRAINTS) -e ".[dev]"
+	touch $(BIN)/raylign
+
+install: $(BIN)/raylign
+
+quickstart: install
+	$(BIN)/raylign quickstart
+
+test: install
+	$(BIN)/python -m pytest -m "not slow" -q
+
+test-all: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check raylign tests bench

@@ -1,0 +1,34 @@
+"""Log-probabilities of labels under a causal LM's logits: the building block of every loss."""
+
+from __future__ import annotations
+
+import torch
+
+
+def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log p(labels[t] | prefix) for logits[..., t, :] already aligned with labels (no shift here).
+
+    Computed as logit[label] - logsumexp(logits) in float32, which avoids materialising a full
+    log-softmax over the vocabulary.
+    """
+    logits = logits.float()
+    picked = torch.gather(logits, -1, labels.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def sequence_logps(
+    logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, average: bool = False
+) -> torch.Tensor:
+    """Σ_t mask_t · log π(y_t | y_<t) per sequence (or the mean over masked tokens when `average`).
+
+    `logits` is [B, T, V] straight from a causal LM on `input_ids`; `labels` [B, T] are those same
+    input ids and `mask` [B, T] marks the tokens to score (e.g. the completion). The shift by one
+    (logits at t predict token t+1) happens here, so callers pass unshifted tensors.
+    """
+    logits, labels, mask = logits[:, :-1], labels[:, 1:], mask[:, 1:].to(logits.dtype)
+    # Masked-out labels may be padding ids outside the model's range (-100): gather a valid index.
+    per_token = token_logps(logits, labels.clamp(min=0)) * mask
+    total = per_token.sum(-1)
+    if average:
+        return total / mask.sum(-1).clamp(min=1)
+    return total

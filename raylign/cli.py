@@ -1,0 +1,153 @@
+"""The `raylign` command."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors a user can fix: printed as one line, never as a traceback."""
+    from raylign.config import ConfigError
+    from raylign.data import DataError
+    from raylign.models import ModelNotFoundError
+    from raylign.workers.group import ResourceError
+
+    return (ConfigError, DataError, ModelNotFoundError, ResourceError, FileNotFoundError)
+
+
+# ---- commands ------------------------------------------------------------------------------------
+
+
+def cmd_recipes(args: argparse.Namespace) -> None:
+    from raylign.config import list_recipes, load_config, recipe_text
+
+    if args.action == "list":
+        table = Table(title="built-in recipes", show_lines=False)
+        table.add_column("name", style="bold cyan")
+        table.add_column("description")
+        for name, desc in list_recipes().items():
+            table.add_row(name, desc)
+        console.print(table)
+        return
+    if not args.name:
+        raise SystemExit("usage: raylign recipes show NAME")
+    load_config(args.name)  # validate before showing
+    console.print(recipe_text(args.name)[1], markup=False, highlight=False)
+
+
+def cmd_models(args: argparse.Namespace) -> None:
+    from raylign.models import list_models, pull_model
+
+    if args.action == "list":
+        table = Table(title="models raylign can load without a model hub")
+        for col in ("name", "kind", "cached", "description"):
+            table.add_column(col)
+        for m in list_models():
+            table.add_row(m["name"], m["kind"], "yes" if m["cached"] else "no", m["description"])
+        console.print(table)
+        console.print("Any Hugging Face id or local model directory works too.")
+        return
+    if not args.name:
+        raise SystemExit("usage: raylign models pull NAME")
+    path = pull_model(args.name)
+    console.print(f"[green]ready:[/green] {args.name} -> {path}")
+
+
+def cmd_data(args: argparse.Namespace) -> None:
+    from raylign.data import format_summary, summarize
+
+    tokenizer = None
+    if args.tokenizer:
+        from raylign.models import load_tokenizer
+
+        tokenizer = load_tokenizer(args.tokenizer)
+    summary = summarize(args.file, args.kind, tokenizer=tokenizer)
+    console.print(format_summary(summary), markup=False, highlight=False)
+    console.print(f"[green]valid:[/green] {args.file} as {args.kind}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from raylign.config import load_config
+    from raylign.pipelines import run_pipeline
+
+    config = load_config(args.recipe, args.overrides)
+    if args.name:
+        config.output.name = args.name
+    result = run_pipeline(config, resume=args.resume, console=console)
+    console.print(result.summary_line())
+
+
+def cmd_quickstart(args: argparse.Namespace) -> None:
+    from raylign.pipelines.quickstart import run_quickstart
+
+    run_quickstart(args.overrides, console=console)
+
+
+# ---- parser --------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="raylign", description="Align language models with human preferences, on Ray."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("quickstart", help="pull a small real model and align it end to end on this machine")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides of the quickstart recipe")
+    p.set_defaults(func=cmd_quickstart)
+
+    p = sub.add_parser("train", help="run a recipe: raylign train RECIPE_OR_YAML [key=value ...]")
+    p.add_argument("recipe", help="built-in recipe name (see `raylign recipes list`) or a YAML path")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-5 resources.learners=2")
+    p.add_argument("--resume", action="store_true", help="continue the run directory from its last checkpoint")
+    p.add_argument("--name", help="run name (same as output.name=...)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("recipes", help="list or show built-in recipes")
+    p.add_argument("action", choices=["list", "show"])
+    p.add_argument("name", nargs="?")
+    p.set_defaults(func=cmd_recipes)
+
+    p = sub.add_parser("models", help="list or pull builtin/tiny models")
+    p.add_argument("action", choices=["list", "pull"])
+    p.add_argument("name", nargs="?")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("data", help="validate a data file and print a summary")
+    p.add_argument("action", choices=["validate"])
+    p.add_argument("file", help="JSONL, Parquet, CSV, a local HF datasets dir, or builtin:<name>")
+    p.add_argument("--kind", required=True, choices=["prompts", "pairs", "unpaired", "ratings", "text"])
+    p.add_argument("--tokenizer", help="model whose tokenizer measures lengths in tokens")
+    p.set_defaults(func=cmd_data)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], None] = args.func
+    try:
+        func(args)
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/yellow]")
+        return 130
+    except Exception as exc:  # noqa: BLE001 - user errors become one line, the rest re-raise
+        if isinstance(exc, _user_errors()):
+            err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False)
+            return 2
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

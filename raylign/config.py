@@ -1,0 +1,328 @@
+"""Typed run configuration: pydantic models for every recipe section, YAML recipes, dotted overrides.
+
+A recipe is a YAML file whose top-level keys are the sections below. `load_config` reads a built-in
+recipe name or a path, applies `key=value` overrides (`train.lr=1e-5 rollout.workers=2`) and
+validates everything before anything starts. Every mistake a user can make (unknown key, wrong
+type, missing file) becomes one `ConfigError` naming the key, the expected type and the valid keys.
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration mistake the user can fix; the message says what to do."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------------
+
+
+class LoraConfig(Section):
+    """LoRA adapters through peft."""
+
+    r: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    # "all-linear" lets peft pick every linear layer except the output head.
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    merge_on_save: bool = True
+
+
+class ModelConfig(Section):
+    """A model named by HF id, local path, `builtin:<name>` or `tiny:<arch>`."""
+
+    path: str = "tiny:llama"
+    trust_remote_code: bool = False
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    lora: LoraConfig | None = None
+    gradient_checkpointing: bool = False
+
+
+class DataConfig(Section):
+    """Where the examples come from and how they are split and truncated."""
+
+    kind: Literal["prompts", "pairs", "unpaired", "ratings", "text"] = "prompts"
+    train: str = "builtin:everyday-prompts"
+    validation: str | None = None
+    val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    split_seed: int = 0
+    max_prompt_length: int = Field(256, gt=0)
+    max_length: int = Field(512, gt=0)
+    apply_chat_template: bool = True
+    limit: int | None = Field(None, gt=0, description="use only the first N rows (quick trials)")
+
+
+class RewardSourceConfig(Section):
+    """One reward source and its weight in the mix (`lexicon:vader`, `length`, a model path, ...)."""
+
+    source: str
+    weight: float = 1.0
+
+
+class RewardConfig(Section):
+    sources: list[RewardSourceConfig] = Field(default_factory=list)
+    batch_size: int = Field(32, gt=0)
+
+
+class RolloutConfig(Section):
+    """Sampling settings for rollout workers and for evaluation generation."""
+
+    workers: int = Field(1, ge=1)
+    batch_size: int = Field(8, gt=0)
+    n_samples: int = Field(1, ge=1, description="completions per prompt (GRPO group size)")
+    max_new_tokens: int = Field(64, gt=0)
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+
+
+class TrainConfig(Section):
+    """Optimisation settings shared by every learner."""
+
+    lr: float = Field(1e-5, gt=0.0)
+    batch_size: int = Field(8, gt=0, description="examples per optimizer step, across all learners")
+    micro_batch_size: int = Field(8, gt=0, description="examples per forward pass on one learner")
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float | None = Field(1.0, gt=0.0)
+    eval_every: int = Field(0, ge=0, description="0 = only at the end")
+    log_every: int = Field(1, ge=1)
+
+
+class ResourcesConfig(Section):
+    """How many actors of each kind, and what each gets; fractional CPUs let 2 cores host many."""
+
+    ray_address: str | None = Field(None, description="attach to this cluster; None = auto/local")
+    learners: int = Field(1, ge=1)
+    cpus_per_learner: float = Field(1.0, gt=0.0)
+    gpus_per_learner: float = Field(0.0, ge=0.0)
+    rollout_workers: int = Field(1, ge=1)
+    cpus_per_rollout_worker: float = Field(0.5, gt=0.0)
+    reward_workers: int = Field(1, ge=1)
+    cpus_per_reward_worker: float = Field(0.25, gt=0.0)
+
+
+class OutputConfig(Section):
+    """The run directory `<dir>/<name>/`."""
+
+    dir: str = "runs"
+    name: str | None = Field(None, description="default: <recipe>-<timestamp>")
+    save_every: int = Field(0, ge=0, description="checkpoint every k steps; 0 = only final")
+    keep_last: int = Field(2, ge=1)
+    tensorboard: bool = True
+    samples_per_step: int = Field(4, ge=0)
+    overwrite: bool = False
+
+
+class RunConfig(Section):
+    """A whole recipe."""
+
+    recipe: str = "custom"
+    algorithm: str = "sft"
+    description: str = ""
+    seed: int = 0
+    progress: bool = True
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    reference: ModelConfig | None = None
+    data: DataConfig = Field(default_factory=DataConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> RunConfig:
+        t = self.train
+        if t.micro_batch_size > t.batch_size:
+            raise ValueError(
+                f"train.micro_batch_size ({t.micro_batch_size}) must be <= train.batch_size ({t.batch_size})"
+            )
+        return self
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading, overrides, errors
+# --------------------------------------------------------------------------------------------------
+
+RECIPES_PACKAGE = "raylign.recipes"
+
+
+def list_recipes() -> dict[str, str]:
+    """Built-in recipe names and their one-line descriptions."""
+    out = {}
+    for entry in sorted(resources.files(RECIPES_PACKAGE).iterdir(), key=lambda p: p.name):
+        if entry.name.endswith(".yaml"):
+            data = yaml.safe_load(entry.read_text()) or {}
+            out[entry.name[:-5]] = str(data.get("description", "")).strip()
+    return out
+
+
+def recipe_text(name_or_path: str) -> tuple[str, str]:
+    """(recipe name, YAML text) for a built-in recipe name or a YAML file path."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"recipe file not found: {name_or_path}")
+        return path.stem, path.read_text()
+    entry = resources.files(RECIPES_PACKAGE) / f"{name_or_path}.yaml"
+    if not entry.is_file():
+        known = list(list_recipes())
+        hint = difflib.get_close_matches(name_or_path, known, n=1)
+        did = f" Did you mean '{hint[0]}'?" if hint else ""
+        raise ConfigError(
+            f"unknown recipe '{name_or_path}'.{did} Built-in recipes: {', '.join(known)}; "
+            "or pass a path to a YAML file."
+        )
+    return name_or_path, entry.read_text()
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`["train.lr=1e-5", "model.lora.r=8"]` -> nested dict; values are parsed as YAML scalars."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.lr=1e-5)")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override '{item}' has an empty key part")
+        value = yaml.safe_load(raw) if raw.strip() else None
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{item}' conflicts with another override of '{part}'")
+            node = child
+        node[parts[-1]] = value
+    return nested
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _model_at(path: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic section class at a location like ('model', 'lora')."""
+    model: type[BaseModel] = RunConfig
+    for part in path:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        sub = _section_type(field.annotation)
+        if sub is None:
+            return None
+        model = sub
+    return model
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _section_type(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _type_name(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(annotation))
+    if origin is list:
+        (inner,) = typing.get_args(annotation) or (Any,)
+        return f"list of {_type_name(inner)}"
+    if annotation is type(None):
+        return "null"
+    if isinstance(annotation, type):
+        return "a section (mapping)" if issubclass(annotation, BaseModel) else annotation.__name__
+    return str(annotation)
+
+
+def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """pydantic appends union-member tags (e.g. 'LoraConfig', 'literal[...]') to locations; drop them."""
+    return tuple(p for i, p in enumerate(loc) if isinstance(p, int) or _model_at(loc[:i]) is not None)
+
+
+def _format_error(loc: tuple[Any, ...], err: dict[str, Any], several: bool) -> str:
+    dotted = ".".join(str(p) for p in loc)
+    if err["type"] == "extra_forbidden":
+        parent = _model_at(loc[:-1])
+        valid = sorted(parent.model_fields) if parent else []
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+        did = f" Did you mean '{'.'.join(str(p) for p in loc[:-1] + (close[0],))}'?" if close else ""
+        where = ".".join(str(p) for p in loc[:-1]) or "the top level"
+        return f"unknown key '{dotted}'.{did} Valid keys in {where}: {', '.join(valid)}"
+    if not loc:  # a cross-field check of a whole section
+        return err["msg"].removeprefix("Value error, ")
+    parent = _model_at(loc[:-1])
+    expected = ""
+    if parent is not None and str(loc[-1]) in parent.model_fields:
+        expected = f"expected {_type_name(parent.model_fields[str(loc[-1])].annotation)}"
+    got = f"got {err['input']!r} ({type(err['input']).__name__})" if "input" in err else ""
+    # With several union members failing, pydantic's per-member messages only confuse.
+    detail = "" if several else f" ({err['msg'].removeprefix('Value error, ')})"
+    return f"'{dotted}': " + "; ".join(x for x in (expected, got) if x) + detail
+
+
+def validate_config(data: dict[str, Any], source: str = "config") -> RunConfig:
+    """Validate a raw mapping, turning pydantic's errors into one readable ConfigError."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: a recipe must be a mapping of sections, got {type(data).__name__}")
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        by_loc: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+        for e in exc.errors():
+            by_loc.setdefault(_clean_loc(tuple(e["loc"])), []).append(e)
+        lines = [_format_error(loc, errs[0], len(errs) > 1) for loc, errs in by_loc.items()]
+        raise ConfigError(f"invalid {source}:\n  " + "\n  ".join(lines)) from None
+
+
+def load_config(name_or_path: str, overrides: list[str] | None = None) -> RunConfig:
+    """Built-in recipe or YAML path + dotted overrides -> validated RunConfig."""
+    name, text = recipe_text(name_or_path)
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"recipe {name_or_path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {name_or_path}: expected a mapping of sections")
+    data.setdefault("recipe", name)
+    data = deep_merge(data, parse_overrides(overrides or []))
+    return validate_config(data, source=f"recipe '{name_or_path}'")
+
+
+def dump_config(config: RunConfig) -> str:
+    """The resolved config as YAML (what `config.yaml` in a run directory holds)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,22 @@
+"""Driver loops. `run_pipeline` picks the loop for `config.algorithm`."""
+
+from __future__ import annotations
+
+from rich.console import Console
+
+from raylign.config import ConfigError, RunConfig
+from raylign.pipelines.offline import RunResult, run_sft
+
+PIPELINES = {"sft": run_sft}
+
+
+def run_pipeline(config: RunConfig, resume: bool = False, console: Console | None = None) -> RunResult:
+    runner = PIPELINES.get(config.algorithm)
+    if runner is None:
+        raise ConfigError(
+            f"algorithm '{config.algorithm}' is not available; available: {', '.join(sorted(PIPELINES))}"
+        )
+    return runner(config, resume=resume, console=console)
+
+
+__all__ = ["PIPELINES", "RunResult", "run_pipeline"]

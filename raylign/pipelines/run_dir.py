@@ -1,0 +1,130 @@
+"""The run directory `runs/<name>/` of DESIGN.md: resolved config, metrics, TensorBoard, samples,
+atomic checkpoints and `final/`."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from raylign.config import ConfigError, RunConfig, dump_config
+
+CHECKPOINT_PREFIX = "step_"
+
+
+def _jsonable(value: Any) -> Any:
+    """Metrics are floats; NaN/inf are written as null so metrics.jsonl stays valid JSON."""
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class RunDir:
+    """Owns `<output.dir>/<name>/`. Writers append line by line so a crashed run keeps its history."""
+
+    def __init__(self, config: RunConfig, resume: bool = False):
+        name = config.output.name or f"{config.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
+        self.path = Path(config.output.dir) / name
+        self.name = name
+        if self.path.exists() and any(self.path.iterdir()) and not resume:
+            if not config.output.overwrite:
+                raise ConfigError(
+                    f"run directory {self.path} already exists; pass --resume to continue it, "
+                    "output.overwrite=true to replace it, or output.name=<new name>"
+                )
+            shutil.rmtree(self.path)
+        if resume and not self.path.exists():
+            raise ConfigError(f"--resume: run directory {self.path} does not exist")
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.checkpoints = self.path / "checkpoints"
+        self.checkpoints.mkdir(exist_ok=True)
+        self.keep_last = config.output.keep_last
+        (self.path / "config.yaml").write_text(dump_config(config))
+        self._metrics = open(self.path / "metrics.jsonl", "a", encoding="utf-8")
+        self._samples = open(self.path / "samples.jsonl", "a", encoding="utf-8")
+        self._tb = None
+        if config.output.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(self.path / "tb"))
+
+    @property
+    def final(self) -> Path:
+        return self.path / "final"
+
+    def log_metrics(self, step: int, metrics: dict[str, Any]) -> None:
+        row = {"step": step, "time": round(time.time(), 3)}
+        row.update({k: _jsonable(v) for k, v in metrics.items()})
+        self._metrics.write(json.dumps(row) + "\n")
+        self._metrics.flush()
+        if self._tb is not None:
+            for key, value in metrics.items():
+                value = _jsonable(value)
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._tb.add_scalar(key, value, step)
+
+    def log_samples(self, step: int, samples: list[dict[str, Any]]) -> None:
+        for sample in samples:
+            self._samples.write(json.dumps({"step": step, **sample}, ensure_ascii=False) + "\n")
+        self._samples.flush()
+
+    def checkpoint_path(self, step: int) -> Path:
+        return self.checkpoints / f"{CHECKPOINT_PREFIX}{step}"
+
+    def begin_checkpoint(self, step: int) -> Path:
+        """A temp dir to write into; `commit_checkpoint` renames it so a crash never leaves half a checkpoint."""
+        tmp = self.checkpoints / f".tmp_{CHECKPOINT_PREFIX}{step}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        return tmp
+
+    def commit_checkpoint(self, step: int, tmp: Path) -> Path:
+        final = self.checkpoint_path(step)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in self.list_checkpoints()[: -self.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def list_checkpoints(self) -> list[Path]:
+        steps = []
+        for p in self.checkpoints.glob(f"{CHECKPOINT_PREFIX}*"):
+            suffix = p.name[len(CHECKPOINT_PREFIX) :]
+            if p.is_dir() and suffix.isdigit():
+                steps.append((int(suffix), p))
+        return [p for _, p in sorted(steps)]
+
+    def latest_checkpoint(self) -> Path | None:
+        found = self.list_checkpoints()
+        return found[-1] if found else None
+
+    def truncate_logs_after(self, step: int) -> None:
+        """On resume, drop metric/sample rows written after the checkpoint so the history is not doubled."""
+        for fh_name, file in (("_metrics", "metrics.jsonl"), ("_samples", "samples.jsonl")):
+            getattr(self, fh_name).close()
+            path = self.path / file
+            kept = [
+                line for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step
+            ]
+            path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            setattr(self, fh_name, open(path, "a", encoding="utf-8"))
+
+    def close(self) -> None:
+        self._metrics.close()
+        self._samples.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(run_path: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_path) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

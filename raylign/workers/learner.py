@@ -1,0 +1,179 @@
+"""LearnerWorker: one rank of a data-parallel group that holds a model and its optimizer."""
+
+from __future__ import annotations
+
+import json
+import random
+import socket
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from raylign.config import RunConfig
+from raylign.workers.group import cpu_threads
+from raylign.workers.objectives import OBJECTIVES
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def micro_batches(batch: dict[str, np.ndarray], size: int) -> list[dict[str, torch.Tensor]]:
+    n = len(next(iter(batch.values())))
+    return [
+        {k: torch.as_tensor(v[i : i + size]) for k, v in batch.items()} for i in range(0, n, size)
+    ]
+
+
+class LearnerWorker:
+    """Holds the trainable model; trains with torch DDP across the group (gloo on CPU, nccl on GPU)."""
+
+    def __init__(self, rank: int, world_size: int, num_cpus: float, config: dict[str, Any], objective: str):
+        torch.set_num_threads(cpu_threads(num_cpus))
+        from raylign.models import load_causal_lm  # heavy import inside the actor process only
+
+        self.rank, self.world_size = rank, world_size
+        self.config = RunConfig.model_validate(config)
+        self.objective = OBJECTIVES[objective]
+        seed_everything(self.config.seed)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model, self.tokenizer = load_causal_lm(self.config.model)
+        self.model.to(self.device)
+        self.ddp_model: torch.nn.Module = self.model
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler = None
+
+    # ---- distributed setup ---------------------------------------------------------------------
+    def master_address(self) -> tuple[str, int]:
+        import ray
+
+        return ray.util.get_node_ip_address(), _free_port()
+
+    def setup_distributed(self, master_addr: str, master_port: int) -> None:
+        if self.world_size == 1:
+            return
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        dist.init_process_group(
+            backend, init_method=f"tcp://{master_addr}:{master_port}", rank=self.rank, world_size=self.world_size
+        )
+        # DDP broadcasts rank 0's parameters, so every rank starts from the same weights.
+        self.ddp_model = torch.nn.parallel.DistributedDataParallel(self.model)
+
+    def setup_optimizer(self, total_steps: int) -> None:
+        from transformers import get_scheduler
+
+        t = self.config.train
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+        name = {"constant": "constant_with_warmup"}.get(t.scheduler, t.scheduler)
+        self.scheduler = get_scheduler(
+            name, self.optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=max(total_steps, 1)
+        )
+
+    # ---- training ------------------------------------------------------------------------------
+    def train_step(self, shard: dict[str, np.ndarray], global_units: float) -> dict[str, float]:
+        """One optimizer step over this rank's shard, split into micro-batches.
+
+        Loss = Σ unit losses / global_units; DDP averages gradients over ranks, so each rank scales by
+        world_size to turn that average back into the global sum.
+        """
+        assert self.optimizer is not None, "setup_optimizer first"
+        self.ddp_model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        sums: dict[str, float] = {}
+        mbs = micro_batches(shard, self.config.train.micro_batch_size)
+        scale = self.world_size / max(global_units, 1.0)
+        for i, mb in enumerate(mbs):
+            mb = {k: v.to(self.device) for k, v in mb.items()}
+            last = i == len(mbs) - 1
+            sync = self.ddp_model.no_sync() if (self.world_size > 1 and not last) else nullcontext()
+            with sync:
+                loss_sum, mb_sums = self.objective(self.ddp_model, mb)
+                (loss_sum * scale).backward()
+            for k, v in mb_sums.items():
+                sums[k] = sums.get(k, 0.0) + v
+        grad_norm = 0.0
+        if self.config.train.max_grad_norm:
+            grad_norm = float(
+                torch.nn.utils.clip_grad_norm_(
+                    [p for p in self.model.parameters() if p.requires_grad], self.config.train.max_grad_norm
+                )
+            )
+        self.optimizer.step()
+        self.scheduler.step()
+        sums["grad_norm"] = grad_norm
+        sums["lr"] = self.scheduler.get_last_lr()[0]
+        return sums
+
+    @torch.no_grad()
+    def eval_step(self, shard: dict[str, np.ndarray]) -> dict[str, float]:
+        self.model.eval()
+        sums: dict[str, float] = {}
+        for mb in micro_batches(shard, self.config.train.micro_batch_size):
+            mb = {k: v.to(self.device) for k, v in mb.items()}
+            _, mb_sums = self.objective(self.model, mb)
+            for k, v in mb_sums.items():
+                sums[k] = sums.get(k, 0.0) + v
+        return sums
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def save_checkpoint(self, path: str, with_model_dir: bool = True) -> None:
+        """Rank 0 writes: HF model dir, trainable weights, optimizer/scheduler state, RNG state."""
+        if self.rank != 0:
+            return
+        from raylign.models import save_model
+
+        out = Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        if with_model_dir:
+            save_model(self.model, self.tokenizer, out / "model", merge_lora=True)
+        save_file(self.trainable_state(), str(out / "trainable.safetensors"))
+        torch.save(
+            {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+            out / "optimizer.pt",
+        )
+        torch.save({"torch": torch.get_rng_state()}, out / "rng.pt")
+        (out / "learner.json").write_text(json.dumps({"world_size": self.world_size}))
+
+    def load_checkpoint(self, path: str) -> None:
+        src = Path(path)
+        state = load_file(str(src / "trainable.safetensors"))
+        missing = set(self.trainable_state()) - set(state)
+        if missing:
+            raise ValueError(f"checkpoint {src} lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[:3]}")
+        self.model.load_state_dict(state, strict=False)
+        opt = torch.load(src / "optimizer.pt", weights_only=True)
+        self.optimizer.load_state_dict(opt["optimizer"])
+        self.scheduler.load_state_dict(opt["scheduler"])
+        torch.set_rng_state(torch.load(src / "rng.pt", weights_only=True)["torch"])
+
+    def save_final(self, path: str) -> None:
+        if self.rank == 0:
+            from raylign.models import save_model
+
+            save_model(self.model, self.tokenizer, Path(path), merge_lora=self.config.model.lora is None
+                       or self.config.model.lora.merge_on_save)
+
+    def weights_fingerprint(self) -> dict[str, np.ndarray]:
+        """Trainable weights as numpy (tests compare ranks and runs with it)."""
+        return {k: v.float().numpy() for k, v in self.trainable_state().items()}
+
+    def shutdown(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
