@@ -83,7 +83,9 @@ BUILTIN_DATASETS: dict[str, BuiltinDataset] = {
 
 def list_builtin() -> dict[str, tuple[str, str]]:
     """`builtin:<name>` -> (kind, description), for `raylign data list` and error messages."""
-    return {BUILTIN_PREFIX + name: (entry.kind, entry.description) for name, entry in BUILTIN_DATASETS.items()}
+    return {
+        BUILTIN_PREFIX + name: (entry.kind, entry.description) for name, entry in BUILTIN_DATASETS.items()
+    }
 
 
 def read_builtin(path: str, limit: int | None = None) -> tuple[RawData, str]:

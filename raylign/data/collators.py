@@ -85,7 +85,9 @@ def tokenize_example(
     apply_chat_template: bool = True,
 ) -> dict[str, Any]:
     """Row -> training ids in one call: chat-format prompt and completion, then tokenize and mask."""
-    prompt_text, completion_text = format_prompt_completion(prompt, completion, tokenizer, apply_chat_template)
+    prompt_text, completion_text = format_prompt_completion(
+        prompt, completion, tokenizer, apply_chat_template
+    )
     return tokenize_prompt_completion(tokenizer, prompt_text, completion_text, max_prompt_length, max_length)
 
 
@@ -140,7 +142,7 @@ def collate_right_pad(batch: Sequence[Any], pad_id: int) -> dict[str, torch.Tens
     input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
     loss_mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, (item, seq) in enumerate(zip(batch, seqs)):
+    for i, (item, seq) in enumerate(zip(batch, seqs, strict=True)):
         n = len(seq)
         input_ids[i, :n] = torch.tensor(seq, dtype=torch.long)
         attention_mask[i, :n] = 1
@@ -180,7 +182,9 @@ def pack_sequences(batch: Sequence[Any], max_length: int, pad_id: int) -> dict[s
     return _pack_rows([row for row in rows if row], max_length, pad_id)
 
 
-def _pack_rows(rows: list[list[tuple[list[int], list[int]]]], width: int, pad_id: int) -> dict[str, torch.Tensor]:
+def _pack_rows(
+    rows: list[list[tuple[list[int], list[int]]]], width: int, pad_id: int
+) -> dict[str, torch.Tensor]:
     shape = (len(rows), width)
     input_ids = torch.full(shape, pad_id, dtype=torch.long)
     position_ids = torch.zeros(shape, dtype=torch.long)

@@ -50,15 +50,15 @@ def load_dataset(path: str, kind: str | None = None, limit: int | None = None) -
             "pass a kind (prompts, pairs, unpaired, ratings, text)"
         )
     check_kind(kind)
-    rows, fields = validate_records(raw, kind)
-    return build_table(raw, rows, fields, kind)
+    checked, fields = validate_records(raw, kind)
+    return build_table(raw, checked, fields, kind)
 
 
-def build_table(raw: RawData, rows: list[dict[str, Any]], fields: dict[str, str], kind: str) -> pa.Table:
+def build_table(raw: RawData, checked: list[dict[str, Any]], fields: dict[str, str], kind: str) -> pa.Table:
     """Columns in the file's order: checked fields with fixed types, extra columns kept as they were."""
     arrays = {}
     for name in raw.columns:
-        values = [row.get(name) for row in rows]
+        values = [row.get(name) for row in checked]
         if name == "prompt" and name in fields:
             arrays[name] = prompt_array(values)
         elif name in fields:
@@ -86,7 +86,9 @@ def extra_array(values: list[Any]) -> pa.Array:
     try:
         return pa.array(values)
     except (pa.ArrowInvalid, pa.ArrowTypeError):
-        return pa.array([v if v is None or isinstance(v, str) else json.dumps(v) for v in values], pa.string())
+        return pa.array(
+            [v if v is None or isinstance(v, str) else json.dumps(v) for v in values], pa.string()
+        )
 
 
 def table_kind(table: pa.Table) -> str | None:

@@ -186,9 +186,11 @@ def read_csv(path: str, limit: int | None = None, delimiter: str = ",") -> RawDa
             continue
         where = f"{path}:{first}"
         if len(cells) != len(header):
-            errors.append((first, f"{where}: expected {len(header)} cells (as in the header), got {len(cells)}"))
+            hint = " (a quote left open?)" if any("\n" in cell for cell in cells) else ""
+            message = f"{where}: expected {len(header)} cells (as in the header), got {len(cells)}{hint}"
+            errors.append((first, message))
             continue
-        records.append(Record(where, first, dict(zip(header, cells))))
+        records.append(Record(where, first, dict(zip(header, cells, strict=True))))
         if limit is not None and len(records) >= limit:
             break
     return RawData(path, header or [], records, errors, typed=False)

@@ -165,7 +165,9 @@ def check_messages(value: list) -> list[dict[str, str]]:
     messages = []
     for i, message in enumerate(value, start=1):
         if not isinstance(message, dict):
-            raise FieldError(f"message {i}: expected an object with role and content, got {describe(message)}")
+            raise FieldError(
+                f"message {i}: expected an object with role and content, got {describe(message)}"
+            )
         role, content = message.get("role"), message.get("content")
         if role not in ROLES:
             raise FieldError(f"message {i}: role {role!r} is not one of {', '.join(ROLES)}")
@@ -262,13 +264,15 @@ def validate_records(raw: RawData, kind: str) -> tuple[list[dict[str, Any]], dic
     check_kind(kind)
     log = ErrorLog(raw.source)
     log.extend(raw.errors)
+    if not raw.records:
+        if not raw.errors:
+            log.add(-1, raw.source, "no rows")
+        log.raise_if_any()
     missing = missing_columns(kind, raw.columns)
     if missing:
         # One file-level message instead of one per row: the whole column is absent.
         log.add(-1, raw.source, missing_column_message(kind, missing, raw.columns))
         log.raise_if_any()
-    if not raw.records and not raw.errors:
-        log.add(-1, raw.source, "no rows")
     fields = fields_for(kind, raw.columns)
     rows = []
     for record in raw.records:

@@ -43,7 +43,7 @@ def shard_batch(batch: dict[str, np.ndarray], n: int) -> list[dict[str, np.ndarr
     if len(sizes) != 1:
         raise ValueError(f"batch arrays have different lengths: { {k: len(v) for k, v in batch.items()} }")
     (size,) = sizes
-    bounds = np.linspace(0, size, n + 1).round().astype(int) if size else np.zeros(n + 1, dtype=int)
+    bounds = np.cumsum([0] + [len(part) for part in np.array_split(np.arange(size), n)])
     return [{k: v[bounds[i] : bounds[i + 1]] for k, v in batch.items()} for i in range(n)]
 
 
