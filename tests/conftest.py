@@ -26,3 +26,38 @@ def ray_session():
         )
     yield ray
     ray.shutdown()
+
+
+def write_jsonl(path, rows) -> str:
+    import json
+
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return str(path)
+
+
+def synthetic_pairs(n: int, seed: int = 0) -> list[dict]:
+    """Pairs whose preferred answer has a learnable property: it is cheerful ('great', 'love'),
+    the rejected one gloomy ('awful', 'hate'); topics vary so a model must learn the property."""
+    import random
+
+    rng = random.Random(seed)
+    topics = ["the weather", "my garden", "this book", "the city", "our team", "the music", "dinner",
+              "the trip", "my job", "the movie", "the park", "breakfast"]
+    good = ["great", "lovely", "wonderful", "happy", "love"]
+    bad = ["awful", "sad", "terrible", "gloomy", "hate"]
+    rows = []
+    for _ in range(n):
+        topic = rng.choice(topics)
+        rows.append({
+            "prompt": f"Tell me about {topic}.",
+            "chosen": f"I {rng.choice(['think', 'feel'])} {topic} is {rng.choice(good)}.",
+            "rejected": f"I {rng.choice(['think', 'feel'])} {topic} is {rng.choice(bad)}.",
+        })
+    return rows
+
+
+@pytest.fixture
+def pairs_file(tmp_path):
+    return write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(240))

@@ -40,13 +40,15 @@ class RunResult:
 
 def encode_sft_rows(rows: list[dict[str, Any]], kind: str, tokenizer, config: RunConfig) -> list[dict]:
     """Rows -> token ids + loss mask. Prompted kinds train on the completion only (assistant turn)."""
-    from raylign.data import format_prompt, tokenize_prompt_completion, tokenize_text
+    from raylign.data import tokenize_example, tokenize_prompt_completion
 
     d = config.data
     encoded = []
     for row in rows:
         if kind == "text":
-            encoded.append(tokenize_text(tokenizer, row["text"], d.max_length))
+            # Plain human text: every token is a target, the sequence ends with EOS.
+            text = row["text"] + (tokenizer.eos_token or "")
+            encoded.append(tokenize_prompt_completion(tokenizer, "", text, d.max_prompt_length, d.max_length))
             continue
         if kind == "pairs":
             completion = row["chosen"]
@@ -56,10 +58,8 @@ def encode_sft_rows(rows: list[dict[str, Any]], kind: str, tokenizer, config: Ru
             completion = row["completion"]
         else:
             raise ConfigError(f"sft trains on data.kind text, pairs or unpaired, not '{kind}'")
-        prompt_text = format_prompt(row["prompt"], tokenizer, d.apply_chat_template)
-        encoded.append(
-            tokenize_prompt_completion(tokenizer, prompt_text, completion, d.max_prompt_length, d.max_length)
-        )
+        encoded.append(tokenize_example(
+            tokenizer, row["prompt"], completion, d.max_prompt_length, d.max_length, d.apply_chat_template))
     return encoded
 
 
@@ -140,6 +140,8 @@ def run_sft(config: RunConfig, resume: bool = False, console: Console | None = N
                 run.truncate_logs_after(start)
                 console.print(f"resumed from {ckpt} at step {start}")
         metrics: dict[str, Any] = {}
+        if start == 0 and t.eval_every and val:
+            run.log_metrics(0, _evaluate(group, val, pad_id, t.micro_batch_size))
         bar = tqdm(range(start, total_steps), desc="sft", disable=not config.progress, initial=start,
                    total=total_steps, unit="step")
         for step in bar:
@@ -163,8 +165,9 @@ def run_sft(config: RunConfig, resume: bool = False, console: Console | None = N
             bar.set_postfix(loss=f"{nll:.3f}")
             if config.output.save_every and done % config.output.save_every == 0 and done < total_steps:
                 _checkpoint(group, run, done)
-        final_eval = _evaluate(group, val, pad_id, t.micro_batch_size) if val else {}
-        if final_eval:
+        final_eval = {k: v for k, v in metrics.items() if k.startswith("eval/")}
+        if val and not final_eval:
+            final_eval = _evaluate(group, val, pad_id, t.micro_batch_size)
             run.log_metrics(total_steps, final_eval)
         group.call("save_final", str(run.final))
         final = {k: v for k, v in {**metrics, **final_eval}.items() if k in ("train/loss", "eval/nll")}

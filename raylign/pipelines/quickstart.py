@@ -67,7 +67,7 @@ def run_quickstart(overrides: list[str] | None = None, console: Console | None =
     candidates = _generate(config, base, train_prompts, n, seed=config.seed)
 
     rows = []
-    for prompt, answers in zip(train_prompts, candidates):
+    for prompt, answers in zip(train_prompts, candidates, strict=True):
         scores = reward.score([prompt] * len(answers), answers)
         best, worst = int(np.argmax(scores)), int(np.argmin(scores))
         if answers[best].strip() and scores[best] > scores[worst]:

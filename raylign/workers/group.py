@@ -37,6 +37,14 @@ def cpu_threads(num_cpus: float) -> int:
     return max(1, int(num_cpus))
 
 
+def quiet_libraries() -> None:
+    """Inside actors: no per-file progress bars or info logs from transformers (they flood the driver)."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def shard_batch(batch: dict[str, np.ndarray], n: int) -> list[dict[str, np.ndarray]]:
     """Split every array along dim 0 into n nearly equal contiguous shards (the first get the extra rows)."""
     sizes = {len(v) for v in batch.values()}
@@ -100,7 +108,7 @@ class WorkerGroup:
 
     def call_sharded(self, method: str, batch: dict[str, np.ndarray], **kwargs: Any) -> list[Any]:
         shards = shard_batch(batch, len(self.workers))
-        refs = [getattr(w, method).remote(shard, **kwargs) for w, shard in zip(self.workers, shards)]
+        refs = [getattr(w, method).remote(shard, **kwargs) for w, shard in zip(self.workers, shards, strict=True)]
         return ray.get(refs)
 
     def shutdown(self) -> None:

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from raylign.config import RunConfig
-from raylign.workers.group import cpu_threads
+from raylign.workers.group import cpu_threads, quiet_libraries
 from raylign.workers.objectives import OBJECTIVES
 
 
@@ -34,7 +34,7 @@ def _free_port() -> int:
 def micro_batches(batch: dict[str, np.ndarray], size: int) -> list[dict[str, torch.Tensor]]:
     n = len(next(iter(batch.values())))
     return [
-        {k: torch.as_tensor(v[i : i + size]) for k, v in batch.items()} for i in range(0, n, size)
+        {k: torch.tensor(v[i : i + size]) for k, v in batch.items()} for i in range(0, n, size)
     ]
 
 
@@ -43,6 +43,7 @@ class LearnerWorker:
 
     def __init__(self, rank: int, world_size: int, num_cpus: float, config: dict[str, Any], objective: str):
         torch.set_num_threads(cpu_threads(num_cpus))
+        quiet_libraries()
         from raylign.models import load_causal_lm  # heavy import inside the actor process only
 
         self.rank, self.world_size = rank, world_size

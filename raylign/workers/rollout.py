@@ -7,13 +7,14 @@ from typing import Any
 import torch
 
 from raylign.config import ModelConfig, RolloutConfig
-from raylign.workers.group import cpu_threads
+from raylign.workers.group import cpu_threads, quiet_libraries
 
 
 class RolloutWorker:
     def __init__(self, rank: int, world_size: int, num_cpus: float, model: dict[str, Any], seed: int = 0,
                  apply_chat_template: bool = True):
         torch.set_num_threads(cpu_threads(num_cpus))
+        quiet_libraries()
         from raylign.models import load_causal_lm
 
         self.rank = rank
