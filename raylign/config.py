@@ -107,6 +107,21 @@ class TrainConfig(Section):
     log_every: int = Field(1, ge=1)
 
 
+class PreferenceConfig(Section):
+    """Hyperparameters of the offline preference objectives (DPO family, KTO, ORPO, SimPO, reward)."""
+
+    beta: float = Field(0.1, gt=0.0, description="DPO/IPO/KTO temperature; SimPO reward scale")
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="> 0 gives conservative DPO (cDPO)")
+    precompute_ref_logps: bool = Field(
+        True, description="one pass over the data before training; the reference is then not held")
+    desirable_weight: float = Field(1.0, gt=0.0)
+    undesirable_weight: float = Field(1.0, gt=0.0)
+    orpo_lambda: float = Field(0.1, gt=0.0)
+    simpo_gamma: float = Field(0.5, ge=0.0)
+    use_margin: bool = Field(False, description="reward models: use the data's `margin` column")
+
+
 class ResourcesConfig(Section):
     """How many actors of each kind, and what each gets; fractional CPUs let 2 cores host many."""
 
@@ -146,6 +161,7 @@ class RunConfig(Section):
     reward: RewardConfig = Field(default_factory=RewardConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 

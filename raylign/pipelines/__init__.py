@@ -5,9 +5,9 @@ from __future__ import annotations
 from rich.console import Console
 
 from raylign.config import ConfigError, RunConfig
-from raylign.pipelines.offline import RunResult, run_sft
+from raylign.pipelines.offline import OFFLINE_ALGORITHMS, RunResult, run_offline
 
-PIPELINES = {"sft": run_sft}
+PIPELINES = dict.fromkeys(OFFLINE_ALGORITHMS, run_offline)
 
 
 def run_pipeline(config: RunConfig, resume: bool = False, console: Console | None = None) -> RunResult:

@@ -40,7 +40,7 @@ def _prompt_text(prompt: Any) -> str:
 def run_quickstart(overrides: list[str] | None = None, console: Console | None = None) -> dict[str, Any]:
     from raylign.data import load_dataset, split_train_val
     from raylign.models import pull_model
-    from raylign.pipelines.offline import run_sft
+    from raylign.pipelines.offline import run_offline
     from raylign.rewards.lexicon import VaderReward
 
     console = console or Console()
@@ -83,7 +83,7 @@ def run_quickstart(overrides: list[str] | None = None, console: Console | None =
     sft.data.limit = None
     sft.data.val_fraction = 0.1
     # The run directory already holds the generated data: continue into it rather than replace it.
-    result = run_sft(sft, resume=True, console=console)
+    result = run_offline(sft, resume=True, console=console)
 
     console.print("4/4 sampling the aligned model on held-out prompts")
     final = {"path": str(Path(result.run_dir) / "final")}

@@ -14,9 +14,10 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from raylign.algorithms.logprobs import sequence_logps
 from raylign.config import RunConfig
 from raylign.workers.group import cpu_threads, quiet_libraries
-from raylign.workers.objectives import OBJECTIVES
+from raylign.workers.objectives import MODEL_KIND, NEEDS_REFERENCE, make_objective
 
 
 def seed_everything(seed: int) -> None:
@@ -44,18 +45,60 @@ class LearnerWorker:
     def __init__(self, rank: int, world_size: int, num_cpus: float, config: dict[str, Any], objective: str):
         torch.set_num_threads(cpu_threads(num_cpus))
         quiet_libraries()
-        from raylign.models import load_causal_lm  # heavy import inside the actor process only
+        from raylign.models import load_causal_lm, load_scalar_model  # heavy imports: actor process only
 
         self.rank, self.world_size = rank, world_size
         self.config = RunConfig.model_validate(config)
-        self.objective = OBJECTIVES[objective]
+        self.objective = make_objective(objective, self.config)
         seed_everything(self.config.seed)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model, self.tokenizer = load_causal_lm(self.config.model)
+        load = load_scalar_model if MODEL_KIND.get(objective) == "scalar" else load_causal_lm
+        self.model, self.tokenizer = load(self.config.model)
         self.model.to(self.device)
         self.ddp_model: torch.nn.Module = self.model
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler = None
+        self.reference: torch.nn.Module | None = None
+        self.needs_reference = objective in NEEDS_REFERENCE
+        if self.needs_reference:
+            self._load_reference()
+
+    # ---- reference model -----------------------------------------------------------------------
+    def _load_reference(self) -> None:
+        """A frozen copy, except under LoRA with no separate reference: then the reference is the
+        same network with its adapters switched off, which costs no memory."""
+        from raylign.models import is_peft_model, load_causal_lm
+
+        if self.config.reference is None and is_peft_model(self.model):
+            return
+        ref_cfg = self.config.reference or self.config.model.model_copy(
+            update={"lora": None, "gradient_checkpointing": False})
+        self.reference, _ = load_causal_lm(ref_cfg)
+        self.reference.to(self.device).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def _reference_fn(self, ids: torch.Tensor, attn: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.reference is not None:
+            logits = self.reference(input_ids=ids, attention_mask=attn).logits
+        else:
+            with self.model.disable_adapter():
+                logits = self.model(input_ids=ids, attention_mask=attn).logits
+        return sequence_logps(logits, ids, mask)
+
+    def compute_reference_logps(self, shard: dict[str, np.ndarray]) -> np.ndarray:
+        """Reference log-probs of a pair batch [B, 2], for precomputing them in one pass."""
+        self.model.eval()
+        out = []
+        for mb in micro_batches(shard, self.config.train.micro_batch_size):
+            mb = {k: v.to(self.device) for k, v in mb.items()}
+            ids, attn, mask = (mb[k].reshape(-1, mb[k].shape[-1]) for k in ("input_ids", "attention_mask", "loss_mask"))
+            out.append(self._reference_fn(ids, attn, mask).view(-1, 2).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, 2), dtype=np.float32)
+
+    def drop_reference(self) -> None:
+        """After precomputing, the reference is not needed during training."""
+        self.reference = None
+        self.needs_reference = False
 
     # ---- distributed setup ---------------------------------------------------------------------
     def master_address(self) -> tuple[str, int]:
@@ -102,7 +145,7 @@ class LearnerWorker:
             last = i == len(mbs) - 1
             sync = self.ddp_model.no_sync() if (self.world_size > 1 and not last) else nullcontext()
             with sync:
-                loss_sum, mb_sums = self.objective(self.ddp_model, mb)
+                loss_sum, mb_sums = self.objective(self.ddp_model, mb, self._ref_fn())
                 (loss_sum * scale).backward()
             for k, v in mb_sums.items():
                 sums[k] = sums.get(k, 0.0) + v
@@ -125,10 +168,13 @@ class LearnerWorker:
         sums: dict[str, float] = {}
         for mb in micro_batches(shard, self.config.train.micro_batch_size):
             mb = {k: v.to(self.device) for k, v in mb.items()}
-            _, mb_sums = self.objective(self.model, mb)
+            _, mb_sums = self.objective(self.model, mb, self._ref_fn())
             for k, v in mb_sums.items():
                 sums[k] = sums.get(k, 0.0) + v
         return sums
+
+    def _ref_fn(self):
+        return self._reference_fn if self.needs_reference else None
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def trainable_state(self) -> dict[str, torch.Tensor]:

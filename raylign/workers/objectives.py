@@ -1,39 +1,139 @@
 """Objectives: a model forward on one micro-batch turned into a summed loss and summed metrics.
 
-Each objective returns `(loss_sum, sums)` where `loss_sum` is the loss *summed* over the micro-batch's
-units (tokens for SFT) and `sums` are metric sums plus the unit count. The learner divides by the
-global unit count of the whole optimizer step, so gradient accumulation and data parallelism give the
-same update as one big batch.
+Each objective returns `(loss_sum, sums)`: the loss *summed* over the micro-batch's units (tokens for
+SFT, pairs for DPO and reward models, examples for KTO) and metric sums that include the unit count.
+The learner divides by the global unit count of the whole optimizer step, so gradient accumulation
+and data parallelism give the same update as one big batch.
+
+Pair batches hold chosen and rejected side by side: `input_ids` is [B, 2, T] (0 = chosen,
+1 = rejected) and both go through the model in one forward pass of 2B rows.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from raylign.algorithms.logprobs import sequence_logps
+from raylign.algorithms.preference import (
+    bradley_terry_loss,
+    dpo_loss,
+    kto_loss,
+    kto_reference_point,
+    orpo_loss,
+    simpo_loss,
+)
+from raylign.config import RunConfig
 
 Batch = dict[str, torch.Tensor]
-Objective = Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, dict[str, float]]]
+# (input_ids, attention_mask, loss_mask) [N, T] -> summed log-probs [N] under the frozen reference.
+ReferenceFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+Objective = Callable[[torch.nn.Module, Batch, ReferenceFn | None], tuple[torch.Tensor, dict[str, float]]]
+
+# Units the learner normalises by, and whether the objective needs reference log-probs.
+UNITS = {"sft": "tokens", "reward": "pairs", "dpo": "pairs", "orpo": "pairs", "simpo": "pairs", "kto": "examples"}
+NEEDS_REFERENCE = {"dpo", "kto"}
+# Which model class a learner holds for each objective.
+MODEL_KIND = {"reward": "scalar"}
 
 
-def sft_objective(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    """[B, 2, T] -> [2B, T] with each pair's chosen row then its rejected row."""
+    return x.reshape(-1, x.shape[-1])
+
+
+def policy_logps(model: torch.nn.Module, batch: Batch, average: bool = False) -> torch.Tensor:
+    """Summed (or mean) completion log-probs of every sequence of a pair batch: [B, 2]."""
+    ids, attn, mask = _flat(batch["input_ids"]), _flat(batch["attention_mask"]), _flat(batch["loss_mask"])
+    logits = model(input_ids=ids, attention_mask=attn).logits
+    return sequence_logps(logits, ids, mask, average=average).view(-1, 2)
+
+
+def reference_logps(batch: Batch, ref_fn: ReferenceFn | None) -> torch.Tensor:
+    """Precomputed reference log-probs when the batch carries them, else one no-grad pass: [B, 2]."""
+    if "ref_logps" in batch:
+        return batch["ref_logps"].float()
+    if ref_fn is None:
+        raise RuntimeError("this objective needs reference log-probs but the learner holds no reference")
+    ids, attn, mask = _flat(batch["input_ids"]), _flat(batch["attention_mask"]), _flat(batch["loss_mask"])
+    with torch.no_grad():
+        return ref_fn(ids, attn, mask).view(-1, 2)
+
+
+def _pair_sums(losses: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float]:
+    """Sums for pair metrics: loss, accuracy (ties count half), margin, mean chosen/rejected reward."""
+    correct = (chosen > rejected).float() + 0.5 * (chosen == rejected).float()
+    return {
+        "loss_sum": losses.detach().sum().item(), "correct": correct.sum().item(),
+        "margin_sum": (chosen - rejected).sum().item(), "chosen_sum": chosen.sum().item(),
+        "rejected_sum": rejected.sum().item(), "pairs": float(len(losses)),
+    }
+
+
+def sft_objective(model, batch, ref_fn=None):
     """Negative log-likelihood of the masked (completion) tokens, summed over tokens."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logps = sequence_logps(logits, batch["input_ids"], batch["loss_mask"])
-    nll_sum = -logps.sum()
+    nll_sum = -sequence_logps(logits, batch["input_ids"], batch["loss_mask"]).sum()
     tokens = batch["loss_mask"][:, 1:].sum()
     return nll_sum, {"nll_sum": nll_sum.item(), "tokens": tokens.item()}
 
 
-OBJECTIVES: dict[str, Objective] = {"sft": sft_objective}
-# What each objective's normaliser counts in a batch (the learner divides the loss sum by it).
-UNIT_KEYS: dict[str, str] = {"sft": "tokens"}
+def make_objective(name: str, config: RunConfig) -> Objective:
+    """The objective for `name`, with its hyperparameters from `config.preference` bound in."""
+    p = config.preference
+
+    def dpo(model, batch, ref_fn=None):
+        pol = policy_logps(model, batch)
+        ref = reference_logps(batch, ref_fn)
+        losses, chosen_r, rejected_r = dpo_loss(
+            pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1], p.beta, p.loss_type, p.label_smoothing
+        )
+        return losses.sum(), _pair_sums(losses, chosen_r, rejected_r)
+
+    def simpo(model, batch, ref_fn=None):
+        avg = policy_logps(model, batch, average=True)
+        losses, chosen_r, rejected_r = simpo_loss(avg[:, 0], avg[:, 1], p.beta, p.simpo_gamma)
+        return losses.sum(), _pair_sums(losses, chosen_r, rejected_r)
+
+    def orpo(model, batch, ref_fn=None):
+        avg = policy_logps(model, batch, average=True)
+        losses, log_odds = orpo_loss(-avg[:, 0], avg[:, 0], avg[:, 1], p.orpo_lambda)
+        sums = _pair_sums(losses, avg[:, 0].detach(), avg[:, 1].detach())
+        sums["log_odds_sum"] = log_odds.sum().item()
+        return losses.sum(), sums
+
+    def reward(model, batch, ref_fn=None):
+        ids, attn = _flat(batch["input_ids"]), _flat(batch["attention_mask"])
+        scores = model(input_ids=ids, attention_mask=attn).logits[:, 0].view(-1, 2)
+        margin = batch.get("margin") if p.use_margin else None
+        losses = bradley_terry_loss(scores[:, 0], scores[:, 1], margin)
+        return losses.sum(), _pair_sums(losses, scores[:, 0].detach(), scores[:, 1].detach())
+
+    def kto(model, batch, ref_fn=None):
+        # Row 0 of each example is (prompt, completion); row 1 pairs the prompt with another example's
+        # completion, whose KL estimates the reference point z0 (Ethayarajh et al. 2024, §4.1).
+        pol = policy_logps(model, batch)
+        ref = reference_logps(batch, ref_fn)
+        z0 = kto_reference_point(pol[:, 1].detach(), ref[:, 1])
+        labels = batch["label"].bool()
+        losses, rewards = kto_loss(pol[:, 0], ref[:, 0], labels, z0, p.beta,
+                                   p.desirable_weight, p.undesirable_weight)
+        sums = {"loss_sum": losses.detach().sum().item(), "examples": float(len(losses)),
+                "desirable": labels.float().sum().item(),
+                "desirable_reward_sum": rewards[labels].sum().item(),
+                "undesirable_reward_sum": rewards[~labels].sum().item(), "kl_sum": z0.item() * len(losses)}
+        return losses.sum(), sums
+
+    objectives: dict[str, Objective] = {
+        "sft": sft_objective, "dpo": dpo, "simpo": simpo, "orpo": orpo, "reward": reward, "kto": kto,
+    }
+    return objectives[name]
 
 
-def count_units(objective: str, batch: dict) -> float:
+def count_units(objective: str, batch: dict[str, Any]) -> float:
     """Global unit count of a step batch (numpy or torch), computed by the driver before sharding."""
     if objective == "sft":
         return float(batch["loss_mask"][:, 1:].sum())
-    raise KeyError(objective)
+    return float(len(batch["input_ids"]))

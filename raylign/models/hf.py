@@ -1,0 +1,41 @@
+"""Small shims over transformers APIs that were renamed between the 4.x and 5.x releases we support."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import transformers
+from packaging.version import Version
+from torch import nn
+
+DTypeLike = str | torch.dtype | None
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# `torch_dtype=` became `dtype=` in transformers 4.56; the old name warns in 5.x.
+_DTYPE_KWARG = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+
+
+def to_torch_dtype(dtype: DTypeLike) -> torch.dtype | None:
+    """A dtype name or torch.dtype -> torch.dtype; None stays None (the checkpoint decides)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype '{dtype}'; use one of {', '.join(_DTYPES)}") from None
+
+
+def dtype_kwargs(dtype: DTypeLike) -> dict[str, Any]:
+    """The keyword `from_pretrained` wants for a dtype, or nothing when the dtype is left open."""
+    resolved = to_torch_dtype(dtype)
+    return {} if resolved is None else {_DTYPE_KWARG: resolved}
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute activations in backward to save memory; non-reentrant, so LoRA needs no input grads."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 (old name warns)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
