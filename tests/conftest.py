@@ -7,10 +7,18 @@ import tempfile
 
 import pytest
 
+_OWN_HOME = not os.environ.get("RAYLIGN_TEST_HOME")
 _HOME = os.environ.get("RAYLIGN_TEST_HOME") or tempfile.mkdtemp(prefix="raylign-test-home-")
 os.environ["RAYLIGN_HOME"] = _HOME
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_HOME:
+        import shutil
+
+        shutil.rmtree(_HOME, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

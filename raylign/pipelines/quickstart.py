@@ -15,22 +15,28 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 from rich.table import Table
+from tqdm.auto import tqdm
 
 from raylign.config import RunConfig, load_config
 from raylign.workers.group import WorkerGroup, init_ray
 from raylign.workers.rollout import RolloutWorker
 
 
-def _generate(config: RunConfig, model: dict[str, Any], prompts: list[Any], n: int, seed: int) -> list[list[str]]:
-    res = config.resources
-    group = WorkerGroup(RolloutWorker, 1, res.cpus_per_rollout_worker, name="rollout",
-                        init_kwargs={"model": model, "seed": seed,
-                                     "apply_chat_template": config.data.apply_chat_template})
-    try:
-        sampling = config.rollout.model_dump() | {"n_samples": n}
-        return group.call("generate", prompts, sampling)[0]
-    finally:
-        group.shutdown()
+def _generator(config: RunConfig, model: dict[str, Any]) -> WorkerGroup:
+    return WorkerGroup(RolloutWorker, 1, config.resources.cpus_per_rollout_worker, name="rollout",
+                       init_kwargs={"model": model, "seed": config.seed,
+                                    "apply_chat_template": config.data.apply_chat_template})
+
+
+def _generate(group: WorkerGroup, config: RunConfig, prompts: list[Any], n: int, seed: int,
+              desc: str) -> list[list[str]]:
+    """Chunks sent from the driver so the progress bar moves; each chunk seeded from (seed, chunk)."""
+    sampling = config.rollout.model_dump() | {"n_samples": n}
+    size = config.rollout.batch_size
+    out: list[list[str]] = []
+    for i in tqdm(range(0, len(prompts), size), desc=desc, unit="batch", disable=not config.progress):
+        out.extend(group.call("generate", prompts[i : i + size], sampling, seed=seed * 100_003 + i)[0])
+    return out
 
 
 def _prompt_text(prompt: Any) -> str:
@@ -63,8 +69,12 @@ def run_quickstart(overrides: list[str] | None = None, console: Console | None =
     base = config.model.model_dump() | {"lora": None}
     n = config.rollout.n_samples
     console.print(f"2/4 sampling {n} answers for {len(train_prompts)} prompts and scoring them with {reward.name}")
-    before = _generate(config, base, eval_prompts, 2, seed=config.seed + 1)
-    candidates = _generate(config, base, train_prompts, n, seed=config.seed)
+    group = _generator(config, base)
+    try:
+        before = _generate(group, config, eval_prompts, 2, config.seed + 1, "base model, held-out prompts")
+        candidates = _generate(group, config, train_prompts, n, config.seed, f"base model, {n} samples/prompt")
+    finally:
+        group.shutdown()
 
     rows = []
     for prompt, answers in zip(train_prompts, candidates, strict=True):
@@ -87,7 +97,11 @@ def run_quickstart(overrides: list[str] | None = None, console: Console | None =
 
     console.print("4/4 sampling the aligned model on held-out prompts")
     final = {"path": str(Path(result.run_dir) / "final")}
-    after = _generate(config, final, eval_prompts, 2, seed=config.seed + 1)
+    group = _generator(config, final)
+    try:
+        after = _generate(group, config, eval_prompts, 2, config.seed + 1, "aligned model, held-out prompts")
+    finally:
+        group.shutdown()
 
     def mean_reward(samples: list[list[str]]) -> float:
         flat = [a for answers in samples for a in answers]

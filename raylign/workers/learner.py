@@ -32,11 +32,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def micro_batches(batch: dict[str, np.ndarray], size: int) -> list[dict[str, torch.Tensor]]:
-    n = len(next(iter(batch.values())))
-    return [
-        {k: torch.tensor(v[i : i + size]) for k, v in batch.items()} for i in range(0, n, size)
-    ]
+def micro_batches(batch: dict[str, np.ndarray], size: int, sort: bool = True) -> list[dict[str, torch.Tensor]]:
+    """Split a shard into micro-batches of similar length and cut each one's padding columns.
+
+    The loss is normalised by the global unit count, so the grouping changes no gradient, only how
+    much padding gets computed (right padding: a micro-batch of short rows ends early).
+    """
+    attn = batch["attention_mask"]
+    n = len(attn)
+    lengths = attn.reshape(n, -1, attn.shape[-1]).sum(-1).max(-1)
+    order = np.argsort(-lengths, kind="stable") if sort else np.arange(n)
+    out = []
+    for i in range(0, n, size):
+        idx = order[i : i + size]
+        width = int(lengths[idx].max())
+        mb = {}
+        for key, value in batch.items():
+            part = value[idx]
+            if part.ndim == attn.ndim and part.shape[-1] == attn.shape[-1]:
+                part = part[..., :width]
+            mb[key] = torch.tensor(part)
+        out.append(mb)
+    return out
 
 
 class LearnerWorker:
@@ -89,7 +106,8 @@ class LearnerWorker:
         """Reference log-probs of a pair batch [B, 2], for precomputing them in one pass."""
         self.model.eval()
         out = []
-        for mb in micro_batches(shard, self.config.train.micro_batch_size):
+        # Unsorted: the results must come back in the shard's row order.
+        for mb in micro_batches(shard, self.config.train.micro_batch_size, sort=False):
             mb = {k: v.to(self.device) for k, v in mb.items()}
             ids, attn, mask = (mb[k].reshape(-1, mb[k].shape[-1]) for k in ("input_ids", "attention_mask", "loss_mask"))
             out.append(self._reference_fn(ids, attn, mask).view(-1, 2).cpu().numpy())
