@@ -11,8 +11,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-console = Console()
-err_console = Console(stderr=True)
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -20,9 +20,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from raylign.config import ConfigError
     from raylign.data import DataError
     from raylign.models import ModelNotFoundError
+    from raylign.rewards import RewardSourceError
     from raylign.workers.group import ResourceError
 
-    return (ConfigError, DataError, ModelNotFoundError, ResourceError, FileNotFoundError)
+    return (ConfigError, DataError, ModelNotFoundError, RewardSourceError, ResourceError, FileNotFoundError)
 
 
 # ---- commands ------------------------------------------------------------------------------------
@@ -33,9 +34,10 @@ def cmd_recipes(args: argparse.Namespace) -> None:
 
     if args.action == "list":
         table = Table(title="built-in recipes", show_lines=False)
-        table.add_column("name", style="bold cyan")
+        recipes = list_recipes()
+        table.add_column("name", style="bold cyan", no_wrap=True, min_width=max(map(len, recipes)))
         table.add_column("description")
-        for name, desc in list_recipes().items():
+        for name, desc in recipes.items():
             table.add_row(name, desc)
         console.print(table)
         return
@@ -49,10 +51,12 @@ def cmd_models(args: argparse.Namespace) -> None:
     from raylign.models import list_models, pull_model
 
     if args.action == "list":
+        models = list_models()
         table = Table(title="models raylign can load without a model hub")
-        for col in ("name", "kind", "cached", "description"):
+        table.add_column("name", style="bold cyan", no_wrap=True, min_width=max(len(m["name"]) for m in models))
+        for col in ("kind", "cached", "description"):
             table.add_column(col)
-        for m in list_models():
+        for m in models:
             table.add_row(m["name"], m["kind"], "yes" if m["cached"] else "no", m["description"])
         console.print(table)
         console.print("Any Hugging Face id or local model directory works too.")
@@ -74,6 +78,17 @@ def cmd_data(args: argparse.Namespace) -> None:
     summary = summarize(args.file, args.kind, tokenizer=tokenizer)
     console.print(format_summary(summary), markup=False, highlight=False)
     console.print(f"[green]valid:[/green] {args.file} as {args.kind}")
+
+
+def cmd_data_annotate(args: argparse.Namespace) -> None:
+    from raylign.pipelines.annotate import run_annotate
+
+    run_annotate(
+        args.prompts, args.model, args.annotator, args.out, n=args.n, seed=args.seed,
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+        limit=args.limit, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
+        batch_size=args.batch_size, console=console, progress=not args.no_progress,
+    )
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -123,13 +138,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?")
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("data", help="validate a data file and print a summary")
-    p.add_argument("action", choices=["validate"])
+    p = sub.add_parser("data", help="validate a data file, or annotate prompts into preference pairs")
+    data_sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = data_sub.add_parser("validate", help="check every row of a data file and print a summary")
     p.add_argument("file", help="JSONL, Parquet, CSV, a local HF datasets dir, or builtin:<name>")
     p.add_argument("--kind", required=True, choices=["prompts", "pairs", "unpaired", "ratings", "text"])
     p.add_argument("--tokenizer", help="model whose tokenizer measures lengths in tokens")
     p.set_defaults(func=cmd_data)
+    _add_annotate_parser(data_sub)
     return parser
+
+
+def _add_annotate_parser(data_sub: argparse._SubParsersAction) -> None:
+    p = data_sub.add_parser(
+        "annotate",
+        help="sample n answers per prompt, score them with an annotator, write best-vs-worst pairs",
+        description="Sample --n completions per prompt from --model on Ray rollout workers, score them with "
+        "--annotator and write {prompt, chosen, rejected, margin, chosen_score, rejected_score} pairs "
+        "(best vs worst; prompts whose scores all tie are skipped). Annotators: lexicon:vader, length, "
+        "module:function (your f(prompts, completions) -> floats), or a reward model directory/name.",
+    )
+    p.add_argument("--prompts", required=True, help="prompts file (JSONL, Parquet, CSV, ...) or builtin:everyday-prompts")
+    p.add_argument("--model", required=True, help="model that writes the answers: HF id, local dir, builtin:/tiny:")
+    p.add_argument("--annotator", required=True,
+                   help="reward source that scores them: lexicon:vader, length, [function:]module:attr, or a reward model")
+    p.add_argument("--out", required=True, help="output pairs file (.jsonl), written atomically")
+    p.add_argument("--n", type=int, default=2, help="samples per prompt (>= 2; default 2)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed; the same seed gives the same file (default 0)")
+    p.add_argument("--limit", type=int, help="use only the first N prompts")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="default 48")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature, > 0 (default 1.0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default 1.0 = off)")
+    p.add_argument("--workers", type=int, default=1, help="rollout actors sharing the prompts (default 1)")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per rollout actor (default 1.0)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (default 8)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_data_annotate)
 
 
 def main(argv: list[str] | None = None) -> int:
