@@ -225,10 +225,9 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         node = nested
         parts = key.split(".")
         for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"override '{item}' conflicts with another override of '{part}'")
-            node = child
+            if not isinstance(node.get(part), dict):
+                node[part] = {}  # a later override wins: `model.lora=null model.lora.r=8` enables LoRA
+            node = node[part]
         node[parts[-1]] = value
     return nested
 

@@ -84,3 +84,22 @@ def test_kto_separates_desirable_from_undesirable(tmp_path):
     last = [r for r in metrics if "eval/desirable_reward" in r][-1]
     assert last["eval/desirable_reward"] > last["eval/undesirable_reward"]
     assert np.isfinite(last["eval/kl"])
+
+
+def test_gradient_checkpointing_gives_the_same_losses(tmp_path, pairs_file):
+    _, plain = _run("dpo", tmp_path / "a", pairs_file, "train.lr=1e-3", "train.max_steps=3")
+    _, ckpt = _run("dpo", tmp_path / "b", pairs_file, "train.lr=1e-3", "train.max_steps=3",
+                   "model.gradient_checkpointing=true")
+    np.testing.assert_allclose([r["train/loss"] for r in ckpt if "train/loss" in r],
+                               [r["train/loss"] for r in plain if "train/loss" in r], rtol=1e-5)
+
+
+def test_lora_dpo_uses_the_adapter_free_model_as_reference(tmp_path, pairs_file):
+    result, rows = _run("dpo", tmp_path, pairs_file, "model.lora.r=8", "model.lora.alpha=16",
+                        "train.lr=5e-3", "train.max_steps=12", "train.eval_every=6",
+                        "preference.precompute_ref_logps=false")
+    m0, m1 = _first_last(rows, "eval/margin")
+    assert m0 == pytest.approx(0.0, abs=1e-4) and m1 > 0
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(Path(result.run_dir) / "final")  # merged on save: plain HF dir

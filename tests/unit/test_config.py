@@ -93,3 +93,9 @@ def test_invalid_yaml_is_a_config_error(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("train: [unclosed\n")
     assert "is not valid YAML" in _error(str(path), [])
+
+
+def test_later_override_wins_and_enables_a_null_section():
+    cfg = load_config("sft", ["model.lora=null", "model.lora.r=8"])
+    assert cfg.model.lora is not None and cfg.model.lora.r == 8 and cfg.model.lora.alpha == 32
+    assert load_config("sft", ["model.lora.r=8", "model.lora=null"]).model.lora is None
