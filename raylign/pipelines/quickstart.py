@@ -1,8 +1,8 @@
 """`raylign quickstart`: a real model aligned end to end on a laptop.
 
-Best-of-n distillation (a.k.a. rejection-sampling fine-tuning, RAFT, Dong et al. 2023): sample n answers
-per prompt, keep the one the reward prefers, fine-tune on it. Held-out prompts measure the reward
-before and after.
+Sample n answers per prompt, let the reward pick the best and the worst, and train on the pairs: DPO
+(Rafailov et al. 2023) by default, or SFT on the best answers (rejection-sampling fine-tuning, RAFT,
+Dong et al. 2023) with algorithm=sft. Held-out prompts measure the reward before and after.
 """
 
 from __future__ import annotations
@@ -86,7 +86,8 @@ def run_quickstart(overrides: list[str] | None = None, console: Console | None =
     data_file = run_path / "data" / "best_of_n.jsonl"
     data_file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
-    console.print(f"3/4 fine-tuning on the {len(rows)} preferred answers (LoRA r={config.model.lora.r})")
+    what = "DPO on" if config.algorithm == "dpo" else "fine-tuning on the preferred answers of"
+    console.print(f"3/4 {what} {len(rows)} pairs (LoRA r={config.model.lora.r})")
     sft = config.model_copy(deep=True)
     sft.data.train = str(data_file)
     sft.data.kind = "pairs"
