@@ -5,7 +5,7 @@ VENV ?= .venv
 CONSTRAINTS ?= -c constraints-cpu.txt
 BIN := $(VENV)/bin
 
-.PHONY: install quickstart test test-all lint
+.PHONY: install quickstart test test-slow test-all lint
 
 $(BIN)/raylign: pyproject.toml constraints-cpu.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,8 +21,11 @@ quickstart: install
 test: install
 	$(BIN)/python -m pytest -m "not slow" -q
 
+test-slow: install
+	$(BIN)/python -m pytest -m slow -q -s
+
 test-all: install
 	$(BIN)/python -m pytest -q
 
 lint: install
-	$(BIN)/ruff check raylign tests bench
+	$(BIN)/ruff check .

@@ -6,14 +6,14 @@ import torch
 
 
 def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """log p(labels[t] | prefix) for logits[..., t, :] already aligned with labels (no shift here).
+    """log p(labels[t] | prefix) = log_softmax(logits)[label], for logits[..., t, :] already aligned
+    with labels (no shift here). Float32: half-precision log-softmax loses the small probabilities.
 
-    Computed as logit[label] - logsumexp(logits) in float32, which avoids materialising a full
-    log-softmax over the vocabulary.
+    One fused log_softmax + gather is faster on CPU than logit[label] − logsumexp(logits) (whose
+    backward builds the same full-vocabulary softmax anyway).
     """
-    logits = logits.float()
-    picked = torch.gather(logits, -1, labels.unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1)
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return torch.gather(logp, -1, labels.unsqueeze(-1)).squeeze(-1)
 
 
 def sequence_logps(

@@ -164,7 +164,7 @@ def _evaluate(group: WorkerGroup, objective: str, val: list[dict], pad_id: int, 
 
 
 def _attach_reference_logps(group: WorkerGroup, run: RunDir, splits: dict[str, list[dict]], pad_id: int,
-                            micro: int, console: Console) -> None:
+                            micro: int, console: Console, progress: bool = True) -> None:
     """One pass of the reference over every example, cached in the run directory (reused on resume)."""
     fingerprint = hashlib.sha256(
         json.dumps([[s["input_ids"] for e in rows for s in e["seqs"]] for rows in splits.values()]).encode()
@@ -178,7 +178,8 @@ def _attach_reference_logps(group: WorkerGroup, run: RunDir, splits: dict[str, l
         chunk = micro * len(group)
         for name, rows in splits.items():
             parts = []
-            for i in tqdm(range(0, len(rows), chunk), desc=f"reference log-probs ({name})", leave=False):
+            for i in tqdm(range(0, len(rows), chunk), desc=f"reference log-probs ({name})", leave=False,
+                          disable=not progress):
                 parts.extend(group.call_sharded("compute_reference_logps", collate(rows[i : i + chunk], pad_id)))
             cached[name] = np.concatenate(parts) if parts else np.zeros((0, 2), np.float32)
         tmp = cache.with_suffix(".tmp.npz")
@@ -230,7 +231,8 @@ def run_offline(config: RunConfig, resume: bool = False, console: Console | None
         group.call("setup_distributed", addr, port)
         group.call("setup_optimizer", total_steps)
         if objective in NEEDS_REFERENCE and config.preference.precompute_ref_logps:
-            _attach_reference_logps(group, run, {"train": train, "val": val}, pad_id, t.micro_batch_size, console)
+            _attach_reference_logps(group, run, {"train": train, "val": val}, pad_id, t.micro_batch_size,
+                                    console, config.progress)
         start = 0
         if resume:
             ckpt = run.latest_checkpoint()

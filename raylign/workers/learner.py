@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from raylign.algorithms.logprobs import sequence_logps
 from raylign.config import RunConfig
 from raylign.workers.group import cpu_threads, quiet_libraries
-from raylign.workers.objectives import MODEL_KIND, NEEDS_REFERENCE, make_objective
+from raylign.workers.objectives import MODEL_KIND, NEEDS_REFERENCE, causal_logits, make_objective
 
 
 def seed_everything(seed: int) -> None:
@@ -95,11 +95,12 @@ class LearnerWorker:
 
     @torch.no_grad()
     def _reference_fn(self, ids: torch.Tensor, attn: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        # Right-padded batches need no attention mask (see objectives.causal_logits).
         if self.reference is not None:
-            logits = self.reference(input_ids=ids, attention_mask=attn).logits
+            logits = causal_logits(self.reference, ids)
         else:
             with self.model.disable_adapter():
-                logits = self.model(input_ids=ids, attention_mask=attn).logits
+                logits = causal_logits(self.model, ids)
         return sequence_logps(logits, ids, mask)
 
     def compute_reference_logps(self, shard: dict[str, np.ndarray]) -> np.ndarray:
@@ -139,7 +140,11 @@ class LearnerWorker:
 
         t = self.config.train
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+        # fused: one kernel for the whole update (TRL's default too); falls back where unsupported.
+        try:
+            self.optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=True)
+        except (RuntimeError, TypeError):
+            self.optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
         name = {"constant": "constant_with_warmup"}.get(t.scheduler, t.scheduler)
         self.scheduler = get_scheduler(
             name, self.optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=max(total_steps, 1)

