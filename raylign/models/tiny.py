@@ -113,34 +113,21 @@ def _special_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
     }
 
 
+# Sizes shared by the Llama-style tiny decoders: grouped-query attention, 4 query and 2 kv heads.
+_DECODER_SIZES = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                  "num_attention_heads": 4, "num_key_value_heads": 2}
+
+
 def _llama_config(vocab_size: int, ids: dict[str, int]) -> PretrainedConfig:
-    """Llama with grouped-query attention (4 query heads, 2 kv heads) and untied embeddings."""
-    return LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=MAX_POSITIONS,
-        tie_word_embeddings=False,
-        **ids,
-    )
+    """Llama with grouped-query attention and untied embeddings."""
+    return LlamaConfig(vocab_size=vocab_size, max_position_embeddings=MAX_POSITIONS,
+                       tie_word_embeddings=False, **_DECODER_SIZES, **ids)
 
 
 def _qwen2_config(vocab_size: int, ids: dict[str, int]) -> PretrainedConfig:
     """Qwen2 (q/k/v biases) with tied embeddings, the other common layout of small chat models."""
-    return Qwen2Config(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=MAX_POSITIONS,
-        tie_word_embeddings=True,
-        **ids,
-    )
+    return Qwen2Config(vocab_size=vocab_size, max_position_embeddings=MAX_POSITIONS,
+                       tie_word_embeddings=True, **_DECODER_SIZES, **ids)
 
 
 def _gpt2_config(vocab_size: int, ids: dict[str, int]) -> PretrainedConfig:
