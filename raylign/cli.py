@@ -87,7 +87,7 @@ def cmd_data_annotate(args: argparse.Namespace) -> None:
         args.prompts, args.model, args.annotator, args.out, n=args.n, seed=args.seed,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
         limit=args.limit, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
-        batch_size=args.batch_size, console=console, progress=not args.no_progress,
+        batch_size=args.batch_size, console=console, progress=not args.no_progress, min_margin=args.min_margin,
     )
 
 
@@ -172,6 +172,8 @@ def _add_annotate_parser(data_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=1, help="rollout actors sharing the prompts (default 1)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per rollout actor (default 1.0)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (default 8)")
+    p.add_argument("--min-margin", type=float, default=0.0,
+                   help="keep only pairs whose annotator scores differ by at least this (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_data_annotate)
 

@@ -119,14 +119,17 @@ def run_annotate(
     console: Console | None = None,
     progress: bool = True,
     ray_address: str | None = None,
+    min_margin: float = 0.0,
 ) -> dict[str, Any]:
     """Sample `n` completions per prompt on Ray, score them with `annotator`, write best-vs-worst pairs.
 
     `prompts`: any prompts-kind file or `builtin:everyday-prompts`; `model`: HF id, local dir,
     `builtin:`/`tiny:` name; `annotator`: a reward source spec (see `raylign.rewards`). Prompts whose
     scores all tie, or with fewer than two non-empty completions, give no pair and are counted.
-    Returns the summary (also printed): prompts, samples, pairs, ties, empty, mean_margin, seconds,
-    samples_per_second, out.
+    `min_margin` drops pairs the annotator barely separates (chosen − rejected score below it), as
+    one drops low-agreement human labels; they are counted as `below_margin`.
+    Returns the summary (also printed): prompts, samples, pairs, ties, empty, below_margin,
+    mean_margin, seconds, samples_per_second, out.
     """
     import ray
 
@@ -156,7 +159,7 @@ def run_annotate(
     init_ray(ray_address)
     group = WorkerGroup(RolloutWorker, workers, cpus_per_worker, name="annotate-rollout",
                         init_kwargs={"model": {"path": model}, "seed": seed})
-    skipped = {"tie": 0, "empty": 0}
+    skipped = {"tie": 0, "empty": 0, "below_margin": 0}
     results: list[list[dict[str, Any] | None]] = [[] for _ in chunks]
     idle = list(group.workers)
     pending: dict[Any, tuple[int, Any]] = {}
@@ -187,6 +190,8 @@ def run_annotate(
                 for prompt, answers in zip(chunks[index], samples, strict=True):
                     row, why = best_worst_pair(prompt, answers, scores[offset : offset + len(answers)])
                     offset += len(answers)
+                    if row is not None and row["margin"] < min_margin:
+                        row, why = None, "below_margin"
                     results[index].append(row)
                     if why:
                         skipped[why] += 1
@@ -200,7 +205,7 @@ def run_annotate(
     if not rows:
         raise DataError(
             f"annotating {len(prompt_list)} prompts gave no pairs ({skipped['tie']} ties, {skipped['empty']} "
-            f"with fewer than two non-empty answers); nothing was written to {out}. Raise --n, "
+            f"with fewer than two non-empty answers, {skipped['below_margin']} below --min-margin); nothing was written to {out}. Raise --n, "
             "--temperature or --max-new-tokens, or use another annotator."
         )
     write_jsonl_atomic(rows, out_path)
@@ -211,6 +216,7 @@ def run_annotate(
         "pairs": len(rows),
         "ties": skipped["tie"],
         "empty": skipped["empty"],
+        "below_margin": skipped["below_margin"],
         "mean_margin": float(np.mean(margins)),
         "seconds": seconds,
         "samples_per_second": samples_total / seconds if seconds > 0 else float("inf"),
@@ -219,6 +225,8 @@ def run_annotate(
         "annotator": scorer.name,
     }
     empty = f", {summary['empty']} with <2 non-empty answers" if summary["empty"] else ""
+    if summary["below_margin"]:
+        empty += f", {summary['below_margin']} below margin {min_margin}"
     console.print(
         f"[green]annotated:[/green] {summary['prompts']} prompts -> {summary['pairs']} pairs in {out_path} "
         f"({summary['ties']} ties skipped{empty}) · mean margin {summary['mean_margin']:.3f} · "
