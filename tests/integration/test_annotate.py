@@ -80,6 +80,28 @@ def test_cli_all_ties_writes_nothing(ray_session, prompts_file, tmp_path, monkey
     assert not (tmp_path / "pairs.jsonl.tmp").exists()
 
 
+def test_min_margin_keeps_only_clearly_separated_pairs(ray_session, prompts_file, tmp_path):
+    """A user function whose margins are known: index i scores i, so best-vs-worst margin = n - 1."""
+    (tmp_path / "ramp_annotator.py").write_text(
+        "def ramp(prompts, completions):\n    return [float(i % 3) for i in range(len(completions))]\n")
+    import sys
+
+    sys.path.insert(0, str(tmp_path))
+    try:
+        common = dict(FAST, annotator="ramp_annotator:ramp", n=3, max_new_tokens=4)
+        summary = run_annotate(prompts_file, out=str(tmp_path / "a.jsonl"), console=_quiet(), min_margin=2.0,
+                               **common)
+        assert summary["pairs"] >= 1 and summary["below_margin"] == summary["ties"] == 0
+        assert summary["pairs"] + summary["empty"] == len(PROMPTS)
+        from raylign.data import DataError
+
+        with pytest.raises(DataError, match=f"{summary['pairs']} below --min-margin"):
+            run_annotate(prompts_file, out=str(tmp_path / "b.jsonl"), console=_quiet(), min_margin=2.5, **common)
+        assert not (tmp_path / "b.jsonl").exists()
+    finally:
+        sys.path.remove(str(tmp_path))
+
+
 # ---- no Ray needed: argument and spec errors fail before any actor starts -------------------------
 
 
