@@ -12,7 +12,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from rich.console import Console
 from rich.table import Table
 from tqdm.auto import tqdm
@@ -39,13 +38,10 @@ def _generate(group: WorkerGroup, config: RunConfig, prompts: list[Any], n: int,
     return out
 
 
-def _prompt_text(prompt: Any) -> str:
-    return prompt if isinstance(prompt, str) else prompt[-1]["content"]
-
-
 def run_quickstart(overrides: list[str] | None = None, console: Console | None = None) -> dict[str, Any]:
-    from raylign.data import load_dataset, split_train_val
+    from raylign.data import load_dataset, prompt_plain_text, split_train_val
     from raylign.models import pull_model
+    from raylign.pipelines.annotate import best_worst_pair, write_jsonl_atomic
     from raylign.pipelines.offline import run_offline
     from raylign.rewards.lexicon import VaderReward
 
@@ -76,15 +72,12 @@ def run_quickstart(overrides: list[str] | None = None, console: Console | None =
     finally:
         group.shutdown()
 
-    rows = []
-    for prompt, answers in zip(train_prompts, candidates, strict=True):
-        scores = reward.score([prompt] * len(answers), answers)
-        best, worst = int(np.argmax(scores)), int(np.argmin(scores))
-        if answers[best].strip() and scores[best] > scores[worst]:
-            rows.append({"prompt": prompt, "chosen": answers[best], "rejected": answers[worst],
-                         "margin": float(scores[best] - scores[worst])})
+    # The same best-vs-worst rule as `raylign data annotate` (ties and empty answers give no pair).
+    pairs = [best_worst_pair(prompt, answers, reward.score([prompt] * len(answers), answers))[0]
+             for prompt, answers in zip(train_prompts, candidates, strict=True)]
+    rows = [row for row in pairs if row is not None]
     data_file = run_path / "data" / "best_of_n.jsonl"
-    data_file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    write_jsonl_atomic(rows, data_file)
 
     what = "DPO on" if config.algorithm == "dpo" else "fine-tuning on the preferred answers of"
     console.print(f"3/4 {what} {len(rows)} pairs (LoRA r={config.model.lora.r})")
@@ -117,7 +110,7 @@ def run_quickstart(overrides: list[str] | None = None, console: Console | None =
     shown.add_column("base model", max_width=45)
     shown.add_column("aligned model", max_width=45)
     for i in range(min(3, len(eval_prompts))):
-        shown.add_row(_prompt_text(eval_prompts[i]), before[i][0], after[i][0])
+        shown.add_row(prompt_plain_text(eval_prompts[i]), before[i][0], after[i][0])
     console.print(shown)
     console.print(
         f"mean {reward.name} reward on {len(eval_prompts)} held-out prompts: "

@@ -94,7 +94,7 @@ class LearnerWorker:
         self.reference.to(self.device).eval().requires_grad_(False)
 
     @torch.no_grad()
-    def _reference_fn(self, ids: torch.Tensor, attn: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _reference_fn(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         # Right-padded batches need no attention mask (see objectives.causal_logits).
         if self.reference is not None:
             logits = causal_logits(self.reference, ids)
@@ -110,8 +110,8 @@ class LearnerWorker:
         # Unsorted: the results must come back in the shard's row order.
         for mb in micro_batches(shard, self.config.train.micro_batch_size, sort=False):
             mb = {k: v.to(self.device) for k, v in mb.items()}
-            ids, attn, mask = (mb[k].reshape(-1, mb[k].shape[-1]) for k in ("input_ids", "attention_mask", "loss_mask"))
-            out.append(self._reference_fn(ids, attn, mask).view(-1, 2).cpu().numpy())
+            ids, mask = (mb[k].reshape(-1, mb[k].shape[-1]) for k in ("input_ids", "loss_mask"))
+            out.append(self._reference_fn(ids, mask).view(-1, 2).cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, 2), dtype=np.float32)
 
     def drop_reference(self) -> None:

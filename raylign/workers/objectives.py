@@ -28,12 +28,11 @@ from raylign.algorithms.preference import (
 from raylign.config import RunConfig
 
 Batch = dict[str, torch.Tensor]
-# (input_ids, attention_mask, loss_mask) [N, T] -> summed log-probs [N] under the frozen reference.
-ReferenceFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# (input_ids, loss_mask) [N, T] of right-padded rows -> summed log-probs [N] under the frozen reference.
+ReferenceFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Objective = Callable[[torch.nn.Module, Batch, ReferenceFn | None], tuple[torch.Tensor, dict[str, float]]]
 
-# Units the learner normalises by, and whether the objective needs reference log-probs.
-UNITS = {"sft": "tokens", "reward": "pairs", "dpo": "pairs", "orpo": "pairs", "simpo": "pairs", "kto": "examples"}
+# Objectives that need reference log-probs (precomputed or from a frozen reference).
 NEEDS_REFERENCE = {"dpo", "kto"}
 # Which model class a learner holds for each objective.
 MODEL_KIND = {"reward": "scalar"}
@@ -63,9 +62,8 @@ def reference_logps(batch: Batch, ref_fn: ReferenceFn | None) -> torch.Tensor:
         return batch["ref_logps"].float()
     if ref_fn is None:
         raise RuntimeError("this objective needs reference log-probs but the learner holds no reference")
-    ids, attn, mask = _flat(batch["input_ids"]), _flat(batch["attention_mask"]), _flat(batch["loss_mask"])
     with torch.no_grad():
-        return ref_fn(ids, attn, mask).view(-1, 2)
+        return ref_fn(_flat(batch["input_ids"]), _flat(batch["loss_mask"])).view(-1, 2)
 
 
 def _pair_sums(losses: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float]:
