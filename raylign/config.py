@@ -83,12 +83,37 @@ class RolloutConfig(Section):
     """Sampling settings for rollout workers and for evaluation generation."""
 
     workers: int = Field(1, ge=1)
-    batch_size: int = Field(8, gt=0)
+    prompts_per_step: int = Field(8, gt=0, description="online RL: prompts sampled per step (x n_samples)")
+    batch_size: int = Field(8, gt=0, description="prompts per generate call on one worker (memory bound)")
     n_samples: int = Field(1, ge=1, description="completions per prompt (GRPO group size)")
     max_new_tokens: int = Field(64, gt=0)
     temperature: float = Field(1.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)
+
+
+class RLConfig(Section):
+    """Online RL (ppo, grpo, rloo, reinforce_pp): advantages, KL to the reference, PPO clipping."""
+
+    kl_coef: float = Field(0.05, ge=0.0, description="β of the KL penalty; 0 = none (KL still logged)")
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    kl_in: Literal["reward", "loss"] = Field("loss", description="per-token reward shaping or a loss term")
+    kl_target: float | None = Field(None, gt=0.0, description="adaptive β toward this KL (Ziegler et al.)")
+    kl_horizon: int = Field(10000, gt=0)
+    epochs: int = Field(1, ge=1, description="passes over each rollout batch")
+    clip_eps: float = Field(0.2, gt=0.0)
+    clip_eps_high: float | None = Field(None, gt=0.0, description="DAPO clip-higher; None = clip_eps")
+    dual_clip: float | None = Field(None, gt=1.0)
+    aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
+    scale_rewards: bool = Field(True, description="GRPO: divide by the group std (False = Dr. GRPO)")
+    whiten_advantages: bool = Field(True, description="PPO: whiten GAE advantages over the batch")
+    entropy_coef: float = Field(0.0, ge=0.0)
+    gamma: float = Field(1.0, ge=0.0, le=1.0)
+    lam: float = Field(0.95, ge=0.0, le=1.0)
+    critic: str | None = Field(None, description="PPO critic backbone; None = a copy of the policy")
+    critic_lr: float | None = Field(None, gt=0.0, description="None = train.lr")
+    value_clip: float = Field(0.2, gt=0.0)
+    eval_prompts: int = Field(32, ge=0, description="held-out prompts scored before/after and at eval_every")
 
 
 class TrainConfig(Section):
@@ -133,6 +158,9 @@ class ResourcesConfig(Section):
     cpus_per_rollout_worker: float = Field(0.5, gt=0.0)
     reward_workers: int = Field(1, ge=1)
     cpus_per_reward_worker: float = Field(0.25, gt=0.0)
+    threads: int | None = Field(
+        None, gt=0, description="torch threads per rollout/learner actor; None = its CPU share. The RL loop's "
+        "groups take turns, so on one small machine each may use every core")
 
 
 class OutputConfig(Section):
@@ -162,6 +190,7 @@ class RunConfig(Section):
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
+    rl: RLConfig = Field(default_factory=RLConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 

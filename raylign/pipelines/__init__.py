@@ -6,8 +6,9 @@ from rich.console import Console
 
 from raylign.config import ConfigError, RunConfig
 from raylign.pipelines.offline import OFFLINE_ALGORITHMS, RunResult, run_offline
+from raylign.pipelines.online import ONLINE_ALGORITHMS, run_online
 
-PIPELINES = dict.fromkeys(OFFLINE_ALGORITHMS, run_offline)
+PIPELINES = dict.fromkeys(OFFLINE_ALGORITHMS, run_offline) | dict.fromkeys(ONLINE_ALGORITHMS, run_online)
 
 
 def run_pipeline(config: RunConfig, resume: bool = False, console: Console | None = None) -> RunResult:

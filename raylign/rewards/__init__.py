@@ -65,8 +65,9 @@ def build_reward_source(spec: str, **kw: Any) -> RewardSource:
     if not isinstance(spec, str) or not spec.strip():
         raise RewardSourceError(f"empty reward source spec {spec!r}. Use one of: {SPEC_FORMS}")
     spec = spec.strip()
+    kind = reward_spec_kind(spec)
     source: RewardSource
-    if spec.startswith(LEXICON_PREFIX):
+    if kind == "lexicon":
         from raylign.rewards.lexicon import LEXICONS
 
         which = spec[len(LEXICON_PREFIX):]
@@ -76,13 +77,11 @@ def build_reward_source(spec: str, **kw: Any) -> RewardSource:
                 f"Reward sources are: {SPEC_FORMS}"
             )
         source = LEXICONS[which]()
-    elif spec == "length":
+    elif kind == "length":
         from raylign.rewards.length import LengthReward
 
         source = LengthReward(kw.get("tokenizer"))
-    elif spec.startswith(FUNCTION_PREFIX) or (
-        _CALLABLE_SPEC.match(spec) and not spec.startswith(MODEL_PREFIXES) and not Path(spec).exists()
-    ):
+    elif kind == "function":
         from raylign.rewards.function import FunctionReward
 
         source = FunctionReward(spec)
@@ -93,20 +92,60 @@ def build_reward_source(spec: str, **kw: Any) -> RewardSource:
     return source
 
 
-def _reward_model(spec: str, kwargs: dict[str, Any]) -> RewardSource:
-    from raylign.models import ModelNotFoundError
+def reward_spec_kind(spec: str) -> str:
+    """"lexicon", "length", "function" or "model": which form of the module docstring `spec` has."""
+    if spec.startswith(LEXICON_PREFIX):
+        return "lexicon"
+    if spec == "length":
+        return "length"
+    if spec.startswith(FUNCTION_PREFIX) or (
+        _CALLABLE_SPEC.match(spec) and not spec.startswith(MODEL_PREFIXES) and not Path(spec).exists()
+    ):
+        return "function"
+    return "model"
+
+
+def check_reward_specs(cfg: RewardConfig) -> None:
+    """Fail fast, before any actor starts: build every light source (lexicon, length, function) and
+    make sure every reward model can be found, without loading its weights."""
+    from raylign.models import ModelNotFoundError, resolve_model_path
+
+    if not cfg.sources:
+        build_reward(cfg)  # raises the empty-sources message
+    for s in cfg.sources:
+        spec = s.source.strip()
+        if reward_spec_kind(spec) != "model":
+            build_reward_source(spec)
+            continue
+        _check_typo(spec)
+        try:
+            resolve_model_path(spec)
+        except ModelNotFoundError as exc:
+            raise RewardSourceError(f"reward model '{spec}' could not be loaded: {exc}") from None
+
+
+def _looks_like_model(spec: str) -> bool:
+    return spec.startswith(MODEL_PREFIXES) or Path(spec).expanduser().exists() or "/" in spec or "\\" in spec
+
+
+def _check_typo(spec: str) -> None:
+    """A bare word that is close to a named form is a typo, not a Hub model id."""
     from raylign.rewards.lexicon import LEXICONS
 
-    looks_like_model = (
-        spec.startswith(MODEL_PREFIXES) or Path(spec).expanduser().exists() or "/" in spec or "\\" in spec
-    )
-    if not looks_like_model:  # a bare word: catch typos of the named forms before asking the Hub
+    if not _looks_like_model(spec):  # a bare word: catch typos of the named forms before asking the Hub
         named = ["length", *(LEXICON_PREFIX + k for k in LEXICONS)]
         close = [LEXICON_PREFIX + spec] if spec in LEXICONS else difflib.get_close_matches(spec, named, n=1)
         if close:
             raise RewardSourceError(
                 f"unknown reward source '{spec}'. Did you mean '{close[0]}'? Use one of: {SPEC_FORMS}"
             )
+
+
+def _reward_model(spec: str, kwargs: dict[str, Any]) -> RewardSource:
+    from raylign.models import ModelNotFoundError
+
+    looks_like_model = _looks_like_model(spec)
+    _check_typo(spec)
     try:
         from raylign.rewards.model import RewardModelSource
 
@@ -145,4 +184,6 @@ __all__ = [
     "build_reward",
     "build_reward_source",
     "check_batch",
+    "check_reward_specs",
+    "reward_spec_kind",
 ]

@@ -72,7 +72,11 @@ class WorkerGroup:
         max_restarts: int = 0,
         ready_timeout_s: float = 120.0,
         init_kwargs: dict[str, Any] | None = None,
+        threads: int | None = None,
+        actor_name_prefix: str | None = None,
     ):
+        """`threads`: torch threads per actor (default: its CPU reservation); passed to the actor as its
+        `num_cpus`. `actor_name_prefix`: name the actors `<prefix>-<rank>` (findable with ray.get_actor)."""
         self.name = name
         bundle = {"CPU": num_cpus} | ({"GPU": num_gpus} if num_gpus else {})
         self.placement_group = placement_group([bundle] * num_workers, strategy="PACK", name=name)
@@ -90,10 +94,11 @@ class WorkerGroup:
                 num_gpus=num_gpus,
                 max_restarts=max_restarts,
                 max_task_retries=-1 if max_restarts else 0,
+                name=f"{actor_name_prefix}-{i}" if actor_name_prefix else None,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=self.placement_group, placement_group_bundle_index=i
                 ),
-            ).remote(rank=i, world_size=num_workers, num_cpus=num_cpus, **(init_kwargs or {}))
+            ).remote(rank=i, world_size=num_workers, num_cpus=threads or num_cpus, **(init_kwargs or {}))
             for i in range(num_workers)
         ]
 

@@ -14,10 +14,10 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from raylign.algorithms.logprobs import sequence_logps
+from raylign.algorithms.logprobs import sequence_logps, token_logps
 from raylign.config import RunConfig
 from raylign.workers.group import cpu_threads, quiet_libraries
-from raylign.workers.objectives import MODEL_KIND, NEEDS_REFERENCE, causal_logits, make_objective
+from raylign.workers.objectives import MODEL_KIND, NEEDS_REFERENCE, causal_logits, make_objective, rl_logits
 
 
 def seed_everything(seed: int) -> None:
@@ -62,14 +62,14 @@ class LearnerWorker:
     def __init__(self, rank: int, world_size: int, num_cpus: float, config: dict[str, Any], objective: str):
         torch.set_num_threads(cpu_threads(num_cpus))
         quiet_libraries()
-        from raylign.models import load_causal_lm, load_scalar_model  # heavy imports: actor process only
+        from raylign.models import load_causal_lm, load_scalar_model, load_value_model  # actor process only
 
         self.rank, self.world_size = rank, world_size
         self.config = RunConfig.model_validate(config)
         self.objective = make_objective(objective, self.config)
         seed_everything(self.config.seed)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        load = load_scalar_model if MODEL_KIND.get(objective) == "scalar" else load_causal_lm
+        load = {"scalar": load_scalar_model, "value": load_value_model}.get(MODEL_KIND.get(objective), load_causal_lm)
         self.model, self.tokenizer = load(self.config.model)
         self.model.to(self.device)
         self.ddp_model: torch.nn.Module = self.model
@@ -114,6 +114,47 @@ class LearnerWorker:
             out.append(self._reference_fn(ids, mask).view(-1, 2).cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, 2), dtype=np.float32)
 
+    # ---- online RL: per-token log-probs, values, weights for the rollout workers ------------------
+    def _per_token(self, shard: dict[str, np.ndarray], fn) -> np.ndarray:
+        """fn(micro-batch) -> [b, t-1] outputs for tokens 1..t-1, gathered into one [B, T] array aligned
+        with input_ids (entry 0 stays 0), in the shard's row order."""
+        ids = shard["input_ids"]
+        out = np.zeros(ids.shape, dtype=np.float32)
+        start = 0
+        for mb in micro_batches(shard, self.config.train.micro_batch_size, sort=False):
+            width = mb["input_ids"].shape[1]
+            values = fn(mb["input_ids"].to(self.device))
+            out[start : start + len(values), 1:width] = values.float().cpu().numpy()
+            start += len(values)
+        return out
+
+    @torch.no_grad()
+    def rl_token_logps(self, shard: dict[str, np.ndarray], reference: bool = False) -> np.ndarray:
+        """log π(token t | prefix) at the sampling temperature for every token of the shard, [B, T];
+        under the frozen reference when `reference` (adapters off under LoRA)."""
+        self.model.eval()
+        temperature = self.config.rollout.temperature or 1.0
+
+        def logps(ids: torch.Tensor) -> torch.Tensor:
+            if not reference:
+                return token_logps(rl_logits(self.model, ids, temperature), ids[:, 1:])
+            if self.reference is not None:
+                return token_logps(rl_logits(self.reference, ids, temperature), ids[:, 1:])
+            with self.model.disable_adapter():
+                return token_logps(rl_logits(self.model, ids, temperature), ids[:, 1:])
+
+        return self._per_token(shard, logps)
+
+    @torch.no_grad()
+    def values(self, shard: dict[str, np.ndarray]) -> np.ndarray:
+        """Critic values [B, T]: entry t is V of the state before token t."""
+        self.model.eval()
+        return self._per_token(shard, lambda ids: self.model(input_ids=ids).values[:, :-1])
+
+    def get_weights(self) -> dict[str, np.ndarray]:
+        """The trainable weights as numpy (only the LoRA adapter under LoRA), for one `ray.put` a step."""
+        return {k: v.float().numpy() for k, v in self.trainable_state().items()}
+
     def drop_reference(self) -> None:
         """After precomputing, the reference is not needed during training."""
         self.reference = None
@@ -151,7 +192,8 @@ class LearnerWorker:
         )
 
     # ---- training ------------------------------------------------------------------------------
-    def train_step(self, shard: dict[str, np.ndarray], global_units: float) -> dict[str, float]:
+    def train_step(self, shard: dict[str, np.ndarray], global_units: float,
+                   hparams: dict[str, float] | None = None) -> dict[str, float]:
         """One optimizer step over this rank's shard, split into micro-batches.
 
         Loss = Σ unit losses / global_units; DDP averages gradients over ranks, so each rank scales by
@@ -168,7 +210,7 @@ class LearnerWorker:
             last = i == len(mbs) - 1
             sync = self.ddp_model.no_sync() if (self.world_size > 1 and not last) else nullcontext()
             with sync:
-                loss_sum, mb_sums = self.objective(self.ddp_model, mb, self._ref_fn())
+                loss_sum, mb_sums = self.objective(self.ddp_model, mb, self._ref_fn(), **(hparams or {}))
                 (loss_sum * scale).backward()
             for k, v in mb_sums.items():
                 sums[k] = sums.get(k, 0.0) + v
@@ -239,10 +281,6 @@ class LearnerWorker:
 
             save_model(self.model, self.tokenizer, Path(path), merge_lora=self.config.model.lora is None
                        or self.config.model.lora.merge_on_save)
-
-    def weights_fingerprint(self) -> dict[str, np.ndarray]:
-        """Trainable weights as numpy (tests compare ranks and runs with it)."""
-        return {k: v.float().numpy() for k, v in self.trainable_state().items()}
 
     def shutdown(self) -> None:
         if dist.is_initialized():

@@ -7,6 +7,11 @@ and data parallelism give the same update as one big batch.
 
 Pair batches hold chosen and rejected side by side: `input_ids` is [B, 2, T] (0 = chosen,
 1 = rejected) and both go through the model in one forward pass of 2B rows.
+
+Online-RL batches are right-padded [B, T] rows of prompt + response with `loss_mask` on the response.
+Every per-token array (`old_logps`, `ref_logps`, `advantages`, `old_values`, `returns`) is aligned
+with `input_ids`: entry t belongs to token t (its log-prob, the value of the state before it); entry 0
+is never a response token. Model outputs at t-1 predict token t, hence the `[:, 1:]` slices.
 """
 
 from __future__ import annotations
@@ -16,7 +21,15 @@ from typing import Any
 
 import torch
 
-from raylign.algorithms.logprobs import sequence_logps
+from raylign.algorithms.advantages import masked_mean
+from raylign.algorithms.kl import kl_estimate
+from raylign.algorithms.logprobs import sequence_logps, token_logps
+from raylign.algorithms.policy import (
+    aggregate_loss,
+    clipped_policy_loss,
+    clipped_value_loss,
+    entropy_from_logits,
+)
 from raylign.algorithms.preference import (
     bradley_terry_loss,
     dpo_loss,
@@ -33,9 +46,11 @@ ReferenceFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Objective = Callable[[torch.nn.Module, Batch, ReferenceFn | None], tuple[torch.Tensor, dict[str, float]]]
 
 # Objectives that need reference log-probs (precomputed or from a frozen reference).
-NEEDS_REFERENCE = {"dpo", "kto"}
+NEEDS_REFERENCE = {"dpo", "kto", "policy"}
 # Which model class a learner holds for each objective.
-MODEL_KIND = {"reward": "scalar"}
+MODEL_KIND = {"reward": "scalar", "value": "value"}
+# Online-RL objectives: their unit count depends on the loss aggregation.
+RL_OBJECTIVES = {"policy", "value"}
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
@@ -84,6 +99,20 @@ def sft_objective(model, batch, ref_fn=None):
     return nll_sum, {"nll_sum": nll_sum.item(), "tokens": tokens.item()}
 
 
+def rl_units(loss_mask: Any, aggregation: str) -> float:
+    """Units an RL loss is averaged over: response tokens (token-mean) or responses (seq-mean-*)."""
+    mask = loss_mask[:, 1:]
+    if aggregation == "token-mean":
+        return float(mask.sum())
+    return float((mask.sum(-1) > 0).sum())
+
+
+def rl_logits(model: torch.nn.Module, input_ids: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Logits at positions 0..T-2 (each predicts the next token), divided by the sampling temperature
+    so that log-probs are those of the distribution the rollout workers sampled from."""
+    return causal_logits(model, input_ids)[:, :-1].float() / temperature
+
+
 def make_objective(name: str, config: RunConfig) -> Objective:
     """The objective for `name`, with its hyperparameters from `config.preference` bound in."""
     p = config.preference
@@ -130,14 +159,65 @@ def make_objective(name: str, config: RunConfig) -> Objective:
                 "undesirable_reward_sum": rewards[~labels].sum().item(), "kl_sum": z0.item() * len(losses)}
         return losses.sum(), sums
 
+    rl = config.rl
+    temperature = config.rollout.temperature or 1.0
+
+    def policy(model, batch, ref_fn=None, kl_coef: float = 0.0):
+        """Clipped surrogate (+ β·KL to the reference when rl.kl_in == "loss", − entropy bonus)."""
+        ids, mask = batch["input_ids"], batch["loss_mask"][:, 1:]
+        logits = rl_logits(model, ids, temperature)
+        logp = token_logps(logits, ids[:, 1:])
+        loss, stats = clipped_policy_loss(
+            logp, batch["old_logps"][:, 1:], batch["advantages"][:, 1:], mask,
+            rl.clip_eps, rl.clip_eps_high, rl.dual_clip, rl.aggregation)
+        tokens = mask.sum().item()
+        sums = {"pg_loss_sum": 0.0, "tokens": tokens,
+                "clip_fraction_sum": stats["clip_fraction"].item() * tokens,
+                "approx_kl_sum": stats["approx_kl"].item() * tokens,
+                # |log π_learner − log π_rollout|: how far the rollout's sampling log-probs are from ours.
+                "logp_gap_sum": masked_mean((logp.detach() - batch["old_logps"][:, 1:]).abs(), mask).item() * tokens}
+        sums["pg_loss_sum"] = loss.item()  # scaled to a sum below
+        if "ref_logps" in batch:
+            kl = kl_estimate(logp, batch["ref_logps"][:, 1:], rl.kl_estimator, clamp=10.0, mask=mask)
+            sums["kl_sum"] = masked_mean(kl.detach(), mask).item() * tokens
+            if rl.kl_in == "loss" and kl_coef > 0:
+                loss = loss + kl_coef * aggregate_loss(kl, mask, rl.aggregation)
+        mask_b = mask.bool()
+        if rl.entropy_coef > 0:
+            entropy = entropy_from_logits(logits[mask_b])
+            loss = loss - rl.entropy_coef * aggregate_loss(entropy_from_logits(logits), mask, rl.aggregation)
+        else:
+            with torch.no_grad():
+                entropy = entropy_from_logits(logits.detach()[mask_b])
+        sums["entropy_sum"] = entropy.detach().sum().item()
+        units = rl_units(batch["loss_mask"], rl.aggregation)
+        sums["pg_loss_sum"] *= units
+        sums["units"] = units
+        return loss * units, sums
+
+    def value(model, batch, ref_fn=None, **_):
+        """Clipped value loss of the critic against the GAE returns."""
+        ids, mask = batch["input_ids"], batch["loss_mask"][:, 1:]
+        values = model(input_ids=ids).values[:, :-1].float()
+        loss, stats = clipped_value_loss(values, batch["old_values"][:, 1:], batch["returns"][:, 1:], mask,
+                                         rl.value_clip, rl.aggregation)
+        tokens = mask.sum().item()
+        units = rl_units(batch["loss_mask"], rl.aggregation)
+        sums = {"value_loss_sum": loss.item() * units, "units": units, "tokens": tokens,
+                "value_clip_fraction_sum": stats["value_clip_fraction"].item() * tokens}
+        return loss * units, sums
+
     objectives: dict[str, Objective] = {
         "sft": sft_objective, "dpo": dpo, "simpo": simpo, "orpo": orpo, "reward": reward, "kto": kto,
+        "policy": policy, "value": value,
     }
     return objectives[name]
 
 
-def count_units(objective: str, batch: dict[str, Any]) -> float:
+def count_units(objective: str, batch: dict[str, Any], aggregation: str = "token-mean") -> float:
     """Global unit count of a step batch (numpy or torch), computed by the driver before sharding."""
+    if objective in RL_OBJECTIVES:
+        return rl_units(batch["loss_mask"], aggregation)
     if objective == "sft":
         return float(batch["loss_mask"][:, 1:].sum())
     return float(len(batch["input_ids"]))

@@ -48,7 +48,7 @@ def _one_step_weights(config, batch, learners: int) -> dict[str, np.ndarray]:
         group.call("setup_distributed", addr, port)
         group.call("setup_optimizer", 10)
         group.call_sharded("train_step", batch, global_units=count_units("sft", batch))
-        weights = group.call("weights_fingerprint")
+        weights = group.call("get_weights")
         if learners > 1:
             for name, value in weights[0].items():  # every rank holds the same model after the step
                 np.testing.assert_array_equal(value, weights[1][name])

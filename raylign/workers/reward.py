@@ -1,0 +1,50 @@
+"""RewardWorker: one actor of the reward service, hosting the config's reward sources as a WeightedMix."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from raylign.config import RewardConfig
+from raylign.workers.group import cpu_threads
+
+
+class RewardWorker:
+    """Scores (prompt, completion) batches; sources are built once per actor (a reward model loads here).
+
+    A trainable source (the discriminator of adversarial training) learns through `update`; every
+    actor of the group receives the same update, so their copies stay identical.
+    """
+
+    def __init__(self, rank: int, world_size: int, num_cpus: float, reward: dict[str, Any],
+                 tokenizer: str | None = None):
+        torch.set_num_threads(cpu_threads(num_cpus))
+        from raylign.rewards import build_reward
+
+        self.rank = rank
+        kwargs = {"tokenizer": tokenizer} if tokenizer else {}
+        self.mix = build_reward(RewardConfig.model_validate(reward), **kwargs)
+
+    def name(self) -> str:
+        return self.mix.name
+
+    def score(self, prompts: list[Any], completions: list[str]) -> dict[str, Any]:
+        """{"total": weighted sum [N], "components": {source name: its own scores [N]}, "seconds"}."""
+        start = time.perf_counter()
+        total, components = self.mix.score_with_components(prompts, completions)
+        return {"total": total, "components": components, "seconds": time.perf_counter() - start}
+
+    def update(self, prompts: list[Any], completions: list[str], **batch: Any) -> dict[str, float]:
+        return self.mix.update(prompts, completions, **batch)
+
+
+def merge_scores(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Concatenate the per-shard results of `RewardWorker.score`, in shard order."""
+    return {
+        "total": np.concatenate([p["total"] for p in parts]),
+        "components": {k: np.concatenate([p["components"][k] for p in parts]) for k in parts[0]["components"]},
+        "seconds": max(p["seconds"] for p in parts),
+    }
