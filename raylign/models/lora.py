@@ -1,11 +1,13 @@
-"""LoRA adapters through peft: attach them from a raylign `LoraConfig`, fold them in for saving."""
+"""LoRA adapters through peft: attach them from a raylign `LoraConfig`, fold them in for saving or
+for generation on a plain model (`lora_merge_deltas`)."""
 
 from __future__ import annotations
 
 import copy
+import re
 
 import peft
-from torch import nn
+from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from raylign.config import LoraConfig
@@ -51,3 +53,44 @@ def merged_copy(model: nn.Module) -> nn.Module:
     if not is_peft_model(model):
         return model
     return copy.deepcopy(model).merge_and_unload()
+
+
+PEFT_PREFIX = "base_model.model."
+_LORA_WEIGHT = re.compile(r"^(?P<module>.+)\.lora_(?P<half>[AB])\.(?P<adapter>[^.]+)\.weight$")
+
+
+def plain_param_name(name: str) -> str:
+    """A peft parameter name as the plain transformers model calls it: peft prefixes every name
+    with `base_model.model.` and moves each adapted layer's own weight under `.base_layer`."""
+    return name.removeprefix(PEFT_PREFIX).replace(".base_layer.", ".")
+
+
+def is_lora_weight(name: str) -> bool:
+    return _LORA_WEIGHT.match(name) is not None
+
+
+def lora_merge_deltas(adapter: dict[str, Tensor], scaling: float, fan_in_fan_out: bool) -> dict[str, Tensor]:
+    """Weight updates that fold LoRA adapters into a plain model: `{base weight name: ΔW}`.
+
+    LoRA (Hu et al. 2021) adds a low-rank update to a frozen weight, W' = W + (α/r)·B·A with
+    A ∈ R^{r×in}, B ∈ R^{out×r}; `scaling` is α/r. GPT-2's `Conv1D` stores W as [in, out]
+    (`fan_in_fan_out`), so there ΔW = ((α/r)·B·A)ᵀ. `adapter` holds peft's `...<module>.lora_A.<name>.weight`
+    and `lora_B` pairs (e.g. a peft model's trainable parameters); the deltas are float32.
+    """
+    halves: dict[str, dict[str, Tensor]] = {}
+    adapters = set()
+    for name, value in adapter.items():
+        match = _LORA_WEIGHT.match(name)
+        if match is None:
+            raise ValueError(f"not a LoRA weight: {name!r}")
+        adapters.add(match["adapter"])
+        halves.setdefault(plain_param_name(match["module"] + ".weight"), {})[match["half"]] = value
+    if len(adapters) > 1:
+        raise ValueError(f"weights of several adapters ({sorted(adapters)}); pass one adapter's weights")
+    deltas = {}
+    for name, pair in halves.items():
+        if set(pair) != {"A", "B"}:
+            raise ValueError(f"LoRA weights for {name!r} lack lora_{'B' if 'A' in pair else 'A'}")
+        delta = scaling * (pair["B"].float() @ pair["A"].float())
+        deltas[name] = delta.T if fan_in_fan_out else delta
+    return deltas

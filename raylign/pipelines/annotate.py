@@ -169,7 +169,7 @@ def run_annotate(
         nonlocal next_chunk
         while idle and next_chunk < len(chunks):
             worker = idle.pop()
-            ref = worker.generate.remote(chunks[next_chunk], sampling, seed=chunk_seed(seed, next_chunk))
+            ref = worker.generate_texts.remote(chunks[next_chunk], sampling, seed=chunk_seed(seed, next_chunk))
             pending[ref] = (next_chunk, worker)
             next_chunk += 1
 

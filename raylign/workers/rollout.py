@@ -1,55 +1,248 @@
-"""RolloutWorker: holds a policy copy and samples completions in batches (KV cache, left padding)."""
+"""RolloutWorker: holds a plain copy of the policy and samples completions for online RL.
+
+Generation runs on a plain transformers model (no peft wrapper) at base-model speed. The learner's
+weights arrive with `set_weights`: either a LoRA adapter, folded in as W = W0 + (α/r)·B·A from a
+pristine copy of the base weight W0, or plain (full fine-tuning) weights copied in. `generate`
+returns token ids, the log-probabilities the tokens were sampled with, and which rows ended with EOS.
+"""
 
 from __future__ import annotations
 
+import math
+import time
+import warnings
 from typing import Any
 
+import numpy as np
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from raylign.config import ModelConfig, RolloutConfig
+from raylign.models.lora import is_lora_weight, lora_merge_deltas, plain_param_name, uses_conv1d
 from raylign.workers.group import cpu_threads, quiet_libraries
+
+# Generation settings that would change the logits before the log-prob recorder sees them (they run
+# ahead of custom processors); set neutral so a model's own generation_config cannot slip them in.
+_NEUTRAL_PROCESSORS = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_length": 0,
+                       "min_new_tokens": 0}
+
+
+def chunk_seed(seed: int, chunk: int) -> int:
+    """A well-mixed 31-bit seed for chunk `chunk` of a call seeded `seed`."""
+    return int(np.random.SeedSequence([seed, chunk]).generate_state(1)[0] >> 1)
+
+
+class SampledLogprobs(LogitsProcessor):
+    """Records log π(y_t) = log_softmax(logits_t / T)[y_t] of every generated token.
+
+    A custom logits processor runs before transformers' temperature/top-k/top-p warpers, so it sees
+    the raw logits: the recorded values are those of the untruncated temperature-scaled distribution,
+    which is what the learner recomputes. The token of step t is only known at step t+1 (it is then
+    the last column of `input_ids`), so only one step's [rows, V] log-softmax is kept at a time.
+    """
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+        self.pending: torch.Tensor | None = None  # log-probs of the step whose token is not yet known
+        self.columns: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.pending is not None:
+            self._record(input_ids[:, -1])
+        self.pending = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        return scores
+
+    def _record(self, tokens: torch.Tensor) -> None:
+        self.columns.append(self.pending.gather(1, tokens[:, None]).squeeze(1))
+        self.pending = None
+
+    def finish(self, sequences: torch.Tensor, generated: int) -> torch.Tensor:
+        """[rows, generated] log-probs, after `generate` returned `sequences` with `generated` new tokens."""
+        if self.pending is not None:
+            self._record(sequences[:, -1])
+        if len(self.columns) != generated:
+            raise RuntimeError(f"recorded {len(self.columns)} log-prob steps for {generated} generated tokens")
+        if not self.columns:
+            return torch.zeros(len(sequences), 0)
+        return torch.stack(self.columns, dim=1)
+
+
+def cut_at_eos(tokens: np.ndarray, eos_ids: np.ndarray) -> tuple[int, bool]:
+    """(length up to and including the first EOS, whether there was one)."""
+    hits = np.flatnonzero(np.isin(tokens, eos_ids))
+    return (int(hits[0]) + 1, True) if len(hits) else (len(tokens), False)
 
 
 class RolloutWorker:
+    """One sampler: a plain causal LM, the learner's latest weights merged in, batched generation."""
+
     def __init__(self, rank: int, world_size: int, num_cpus: float, model: dict[str, Any], seed: int = 0,
                  apply_chat_template: bool = True):
         torch.set_num_threads(cpu_threads(num_cpus))
         quiet_libraries()
-        from raylign.models import load_causal_lm
+        from raylign.models import is_peft_model, load_causal_lm
 
         self.rank = rank
         self.seed = seed
         self.apply_chat_template = apply_chat_template
-        self.model, self.tokenizer = load_causal_lm(ModelConfig.model_validate(model))
-        self.model.eval()
+        cfg = ModelConfig.model_validate(model)
+        # The base model, never wrapped: adapters are merged into its weights instead.
+        net, self.tokenizer = load_causal_lm(cfg.model_copy(update={"lora": None, "gradient_checkpointing": False}))
+        self.lora_scaling = cfg.lora.alpha / cfg.lora.r if cfg.lora is not None else None
+        saved_adapter: dict[str, torch.Tensor] = {}
+        if is_peft_model(net):  # a saved adapter directory: its base is W0, the adapter its first weights
+            peft_cfg = net.peft_config[net.active_adapter]
+            self.lora_scaling = peft_cfg.lora_alpha / (math.sqrt(peft_cfg.r) if peft_cfg.use_rslora else peft_cfg.r)
+            saved_adapter = {n: p.detach().clone() for n, p in net.named_parameters() if is_lora_weight(n)}
+            net = net.unload()  # removes the adapter layers without merging: the pristine base
+        self.model = net.eval().requires_grad_(False)
+        self.fan_in_fan_out = uses_conv1d(self.model)
         self.tokenizer.padding_side = "left"  # generation continues from the right edge of every row
+        self.eos_ids = self._eos_ids()
+        # Every parameter and buffer by name, tied aliases included (GPT-2's lm_head.weight is wte's).
+        self.params = dict(self.model.named_parameters(remove_duplicate=False))
+        self.params |= dict(self.model.named_buffers(remove_duplicate=False))
+        self.pristine: dict[str, torch.Tensor] = {}  # W0 of every weight a LoRA merge has touched
+        self.merged: set[str] = set()  # weights that currently hold W0 + ΔW
+        self.version = -1  # the base weights
+        if saved_adapter:
+            self.set_weights(saved_adapter, -1)
 
+    def _eos_ids(self) -> np.ndarray:
+        """The tokenizer's EOS and every EOS id of the generation config (chat models list end-of-turn)."""
+        ids = {self.tokenizer.eos_token_id}
+        configured = getattr(self.model.generation_config, "eos_token_id", None)
+        ids |= set(configured) if isinstance(configured, list) else {configured}
+        return np.array(sorted(i for i in ids if i is not None), dtype=np.int64)
+
+    # ---- weights -------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, prompts: list[Any], sampling: dict[str, Any], seed: int | None = None) -> list[list[str]]:
-        """For each prompt (string or chat messages) return `n_samples` completions (texts)."""
+    def set_weights(self, weights: dict[str, Any], version: int) -> None:
+        """Load the learner's weights as `version`.
+
+        LoRA adapter weights (peft names `...lora_A.<adapter>.weight` / `lora_B`) set every adapted
+        weight to W0 + (α/r)·B·A, computed from the pristine base weight W0, so no merge/unmerge
+        rounding ever accumulates and any worker given the same adapter holds bit-identical weights;
+        weights merged before but absent from this adapter return to W0. Other names (plain or peft
+        names, `base_model.model.` and `.base_layer` removed) are copied in, like
+        `load_state_dict(strict=False)`. Values are numpy arrays or tensors.
+        """
+        with warnings.catch_warnings():
+            # Arrays from Ray's object store are read-only; these tensors are only ever read.
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            tensors = {name: torch.as_tensor(value) for name, value in weights.items()}
+        adapter = {n: t for n, t in tensors.items() if is_lora_weight(n)}
+        plain = {plain_param_name(n): t for n, t in tensors.items() if n not in adapter}
+        if adapter and self.lora_scaling is None:
+            raise ValueError("got LoRA adapter weights, but the model config has no `lora` section (α and r)")
+        deltas = lora_merge_deltas(adapter, self.lora_scaling, self.fan_in_fan_out) if adapter else {}
+        self._check_names(deltas, plain)
+        for name in self.merged - set(deltas):
+            self.params[name].copy_(self.pristine[name])
+        for name, delta in deltas.items():
+            param = self.params[name]
+            w0 = self.pristine.setdefault(name, param.detach().clone())  # first touch: still pristine
+            param.copy_((w0.float() + delta).to(param.dtype))
+        self.merged = set(deltas)
+        for name, value in plain.items():
+            self.params[name].copy_(value.to(self.params[name].dtype))
+        self.version = version
+
+    def _check_names(self, deltas: dict[str, torch.Tensor], plain: dict[str, torch.Tensor]) -> None:
+        unknown = sorted(set(deltas) - set(self.params) | set(plain) - set(self.params))
+        if unknown:
+            raise ValueError(f"{len(unknown)} weight names are not in the model, e.g. {unknown[:3]}; "
+                             f"it has e.g. {sorted(self.params)[:3]}")
+        for name, value in (deltas | plain).items():
+            if value.shape != self.params[name].shape:
+                raise ValueError(f"{name}: shape {tuple(value.shape)} != model's {tuple(self.params[name].shape)}")
+
+    # ---- generation ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompts: list[Any], sampling: dict[str, Any], seed: int, weights: Any = None,
+                 version: int | None = None) -> dict[str, Any]:
+        """Sample `n_samples` completions per prompt (string or chat messages) with the given weights.
+
+        `weights` (with its `version`) is loaded first unless this worker already holds that version:
+        the driver sends them with every call so that an actor Ray restarted reloads them before a
+        retried call. Each chunk of `batch_size` prompts is seeded from (seed, chunk index), so the
+        output depends only on the arguments. Rows are prompt-major (prompt i's samples contiguous):
+
+        prompt_ids / response_ids (int64) / logprobs (float32): per row, the unpadded prompt, the
+        generated tokens up to and including the first EOS, and log_softmax(logits / T) of each of
+        them (T = temperature, 1 when greedy; top-p/top-k not applied); texts: decoded responses
+        without special tokens; finished [rows] bool: ended with EOS rather than at max_new_tokens;
+        prompt_index [rows]: index into `prompts`; version; seconds (wall time); tokens (response total).
+        """
+        if weights is not None and version != self.version:
+            if version is None:
+                raise ValueError("weights need a version")
+            if not isinstance(weights, dict):  # an ObjectRef nested somewhere Ray did not resolve it
+                import ray
+
+                weights = ray.get(weights)
+            self.set_weights(weights, version)
+        cfg = RolloutConfig.model_validate(sampling)
+        start = time.perf_counter()
+        out: dict[str, list] = {"prompt_ids": [], "response_ids": [], "logprobs": [], "finished": [],
+                                "prompt_index": []}
+        for chunk, first in enumerate(range(0, len(prompts), cfg.batch_size)):
+            torch.manual_seed(chunk_seed(seed, chunk))
+            rows = self._generate_chunk(prompts[first : first + cfg.batch_size], cfg)
+            for key, values in rows.items():
+                out[key].extend(values)
+            out["prompt_index"].extend(first + i // cfg.n_samples for i in range(len(rows["finished"])))
+        texts = self.tokenizer.batch_decode(out["response_ids"], skip_special_tokens=True)
+        return {
+            **out,
+            "texts": [t.strip() for t in texts],
+            "finished": np.array(out["finished"], dtype=bool),
+            "prompt_index": np.array(out["prompt_index"], dtype=np.int64),
+            "version": self.version,
+            "seconds": time.perf_counter() - start,
+            "tokens": int(sum(len(r) for r in out["response_ids"])),
+        }
+
+    def _generate_chunk(self, prompts: list[Any], cfg: RolloutConfig) -> dict[str, list]:
+        """One batched `model.generate` (KV cache, left padding) over `prompts` x `n_samples`."""
         from raylign.data import format_prompt
 
-        cfg = RolloutConfig.model_validate(sampling)
         texts = [format_prompt(p, self.tokenizer, self.apply_chat_template) for p in prompts]
-        gen = torch.Generator().manual_seed(self.seed if seed is None else seed)
-        out: list[list[str]] = []
-        for start in range(0, len(texts), cfg.batch_size):
-            chunk = texts[start : start + cfg.batch_size]
-            enc = self.tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
-            # Seed per chunk from our generator: results do not depend on what ran before in this process.
-            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-            do_sample = cfg.temperature > 0
-            ids = self.model.generate(
-                **enc,
-                max_new_tokens=cfg.max_new_tokens,
-                do_sample=do_sample,
-                temperature=cfg.temperature if do_sample else None,
-                top_p=cfg.top_p if do_sample else None,
-                top_k=cfg.top_k if do_sample else None,
-                num_return_sequences=cfg.n_samples,
-                pad_token_id=self.tokenizer.pad_token_id,
-            )
-            completions = self.tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-            for i in range(len(chunk)):
-                out.append([c.strip() for c in completions[i * cfg.n_samples : (i + 1) * cfg.n_samples]])
-        return out
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        # Each prompt repeated n times here rather than by num_return_sequences, which greedy refuses.
+        expanded = {k: v.repeat_interleave(cfg.n_samples, dim=0) for k, v in enc.items()}
+        do_sample = cfg.temperature > 0
+        recorder = SampledLogprobs(cfg.temperature if do_sample else 1.0)
+        sequences = self.model.generate(
+            **expanded,
+            max_new_tokens=cfg.max_new_tokens,
+            do_sample=do_sample,
+            temperature=cfg.temperature if do_sample else None,
+            top_p=cfg.top_p if do_sample else None,
+            top_k=cfg.top_k if do_sample else None,
+            eos_token_id=self.eos_ids.tolist(),
+            pad_token_id=self.tokenizer.pad_token_id,
+            logits_processor=LogitsProcessorList([recorder]),
+            **_NEUTRAL_PROCESSORS,
+        )
+        width = enc["input_ids"].shape[1]
+        logprobs = recorder.finish(sequences, sequences.shape[1] - width).numpy()
+        responses = sequences[:, width:].numpy()
+        prompt_ids = [ids[mask.bool()].numpy() for ids, mask in zip(enc["input_ids"], enc["attention_mask"],
+                                                                     strict=True)]
+        rows: dict[str, list] = {"prompt_ids": [], "response_ids": [], "logprobs": [], "finished": []}
+        for i, response in enumerate(responses):
+            # After EOS generate pads finished rows; those columns are not part of the response.
+            length, finished = cut_at_eos(response, self.eos_ids)
+            rows["prompt_ids"].append(prompt_ids[i // cfg.n_samples])
+            rows["response_ids"].append(response[:length].astype(np.int64))
+            rows["logprobs"].append(logprobs[i, :length].astype(np.float32))
+            rows["finished"].append(finished)
+        return rows
+
+    def generate_texts(self, prompts: list[Any], sampling: dict[str, Any],
+                       seed: int | None = None) -> list[list[str]]:
+        """For each prompt, its `n_samples` completion texts (evaluation, quickstart, annotation)."""
+        out = self.generate(prompts, sampling, self.seed if seed is None else seed)
+        n = RolloutConfig.model_validate(sampling).n_samples
+        return [out["texts"][i : i + n] for i in range(0, len(out["texts"]), n)]
