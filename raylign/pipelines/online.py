@@ -417,7 +417,7 @@ def _rl_step(state: OnlineRun, config: RunConfig, run: RunDir, train: list[Any],
         "perf/step_seconds": seconds, "perf/samples_per_second": n / seconds,
         "perf/generate_tokens_per_second": rollouts["tokens"] / max(t_gen - t0, 1e-9),
         "perf/train_tokens_per_second": float(batch["attention_mask"].sum()) * rl.epochs / max(t_train - t_ref, 1e-9),
-        "rollout/weight_version": min(rollouts["versions"]),
+        "rollout/weight_version": min(rollouts["versions"]), "rollout/completions": n,
     })
     k = config.output.samples_per_step
     run.log_samples(step + 1, [

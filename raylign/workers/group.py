@@ -27,6 +27,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     kwargs: dict[str, Any] = {"log_to_driver": True, "logging_level": logging.WARNING}
     if address:
         ray.init(address=address, **kwargs)
+        # One line, so a job's log shows it joined the cluster rather than starting its own Ray.
+        print(f"raylign: attached to the Ray cluster at {address}", flush=True)
     else:
         # A private local instance, so a stale `ray start` cluster elsewhere on the machine is never joined.
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)

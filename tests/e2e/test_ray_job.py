@@ -30,9 +30,13 @@ import pytest
 
 from tests.conftest import synthetic_pairs, write_jsonl
 
-# The job's entrypoint. It runs in the job's working dir, which holds only pairs.jsonl ({prompt, chosen,
-# rejected} rows, so data.kind=prompts reads it too); the test appends output.dir=<tmp> output.name=job.
-JOB = "raylign train sft model.path=tiny:llama data.train=pairs.jsonl data.kind=pairs train.max_steps=2 train.batch_size=4 train.micro_batch_size=4 resources.cpus_per_learner=0.5 progress=false"
+# The job's entrypoint: a tiny GRPO run. It runs in the job's working dir, which holds only pairs.jsonl
+# ({prompt, chosen, rejected} rows; data.kind=prompts reads their prompts); the test appends
+# output.dir=<tmp> output.name=job.
+JOB = ("raylign train grpo model.path=tiny:llama model.lora=null data.train=pairs.jsonl data.kind=prompts "
+       "'reward.sources=[{source: length}]' rollout.prompts_per_step=4 rollout.n_samples=2 rollout.max_new_tokens=8 "
+       "train.batch_size=8 train.micro_batch_size=8 train.max_steps=2 rl.eval_prompts=4 "
+       "resources.cpus_per_learner=0.5 resources.cpus_per_rollout_worker=0.5 progress=false")
 
 BIN = Path(sys.executable).parent  # the `ray` and `raylign` scripts of this environment
 PORT_FLAGS = ("--port", "--dashboard-port", "--ray-client-server-port", "--node-manager-port",
@@ -216,6 +220,7 @@ def test_train_as_ray_job_attaches_to_running_cluster(ray_head, ray_session, tmp
     assert job["status"] == "SUCCEEDED", logs
     assert submit.returncode == 0 and f"Job '{submission_id}' succeeded" in logs, logs
     assert "Running entrypoint for job" in logs
+    assert "raylign: attached to the Ray cluster at" in logs, logs
 
     # It attached: its driver registered with this head's GCS, the driver's own Ray log is in this
     # head's session, and its actors ran on this head's node (a private local Ray would have none).
