@@ -17,7 +17,14 @@ from safetensors.torch import load_file, save_file
 from raylign.algorithms.logprobs import sequence_logps, token_logps
 from raylign.config import RunConfig
 from raylign.workers.group import cpu_threads, quiet_libraries
-from raylign.workers.objectives import MODEL_KIND, NEEDS_REFERENCE, causal_logits, make_objective, rl_logits
+from raylign.workers.objectives import (
+    MODEL_KIND,
+    NEEDS_REFERENCE,
+    causal_logits,
+    make_objective,
+    response_start,
+    rl_logits,
+)
 
 
 def seed_everything(seed: int) -> None:
@@ -116,16 +123,16 @@ class LearnerWorker:
 
     # ---- online RL: per-token log-probs, values, weights for the rollout workers ------------------
     def _per_token(self, shard: dict[str, np.ndarray], fn) -> np.ndarray:
-        """fn(micro-batch) -> [b, t-1] outputs for tokens 1..t-1, gathered into one [B, T] array aligned
-        with input_ids (entry 0 stays 0), in the shard's row order."""
-        ids = shard["input_ids"]
-        out = np.zeros(ids.shape, dtype=np.float32)
-        start = 0
+        """fn(ids, start) -> [b, t - start] outputs for tokens start..t-1 of a micro-batch, gathered into
+        one [B, T] array aligned with input_ids (zero before each micro-batch's response start), in the
+        shard's row order."""
+        out = np.zeros(shard["input_ids"].shape, dtype=np.float32)
+        row = 0
         for mb in micro_batches(shard, self.config.train.micro_batch_size, sort=False):
-            width = mb["input_ids"].shape[1]
-            values = fn(mb["input_ids"].to(self.device))
-            out[start : start + len(values), 1:width] = values.float().cpu().numpy()
-            start += len(values)
+            ids, start = mb["input_ids"].to(self.device), response_start(mb["loss_mask"])
+            values = fn(ids, start)
+            out[row : row + len(ids), start : ids.shape[1]] = values.float().cpu().numpy()
+            row += len(ids)
         return out
 
     @torch.no_grad()
@@ -135,13 +142,13 @@ class LearnerWorker:
         self.model.eval()
         temperature = self.config.rollout.temperature or 1.0
 
-        def logps(ids: torch.Tensor) -> torch.Tensor:
+        def logps(ids: torch.Tensor, start: int) -> torch.Tensor:
             if not reference:
-                return token_logps(rl_logits(self.model, ids, temperature), ids[:, 1:])
+                return token_logps(rl_logits(self.model, ids, temperature, start), ids[:, start:])
             if self.reference is not None:
-                return token_logps(rl_logits(self.reference, ids, temperature), ids[:, 1:])
+                return token_logps(rl_logits(self.reference, ids, temperature, start), ids[:, start:])
             with self.model.disable_adapter():
-                return token_logps(rl_logits(self.model, ids, temperature), ids[:, 1:])
+                return token_logps(rl_logits(self.model, ids, temperature, start), ids[:, start:])
 
         return self._per_token(shard, logps)
 
@@ -149,7 +156,7 @@ class LearnerWorker:
     def values(self, shard: dict[str, np.ndarray]) -> np.ndarray:
         """Critic values [B, T]: entry t is V of the state before token t."""
         self.model.eval()
-        return self._per_token(shard, lambda ids: self.model(input_ids=ids).values[:, :-1])
+        return self._per_token(shard, lambda ids, start: self.model(input_ids=ids).values[:, start - 1 : -1])
 
     def get_weights(self) -> dict[str, np.ndarray]:
         """The trainable weights as numpy (only the LoRA adapter under LoRA), for one `ray.put` a step."""

@@ -11,7 +11,8 @@ Pair batches hold chosen and rejected side by side: `input_ids` is [B, 2, T] (0 
 Online-RL batches are right-padded [B, T] rows of prompt + response with `loss_mask` on the response.
 Every per-token array (`old_logps`, `ref_logps`, `advantages`, `old_values`, `returns`) is aligned
 with `input_ids`: entry t belongs to token t (its log-prob, the value of the state before it); entry 0
-is never a response token. Model outputs at t-1 predict token t, hence the `[:, 1:]` slices.
+is never a response token. Model outputs at t-1 predict token t; only positions from the earliest
+response start (`response_start`) on are computed.
 """
 
 from __future__ import annotations
@@ -107,10 +108,18 @@ def rl_units(loss_mask: Any, aggregation: str) -> float:
     return float((mask.sum(-1) > 0).sum())
 
 
-def rl_logits(model: torch.nn.Module, input_ids: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Logits at positions 0..T-2 (each predicts the next token), divided by the sampling temperature
-    so that log-probs are those of the distribution the rollout workers sampled from."""
-    return causal_logits(model, input_ids)[:, :-1].float() / temperature
+def response_start(loss_mask: torch.Tensor) -> int:
+    """The first position where any row's response begins (>= 1): no logit before it is needed."""
+    cols = loss_mask.bool().any(0).nonzero()
+    return max(int(cols[0]), 1) if len(cols) else loss_mask.shape[1] - 1
+
+
+def rl_logits(model: torch.nn.Module, input_ids: torch.Tensor, temperature: float, start: int) -> torch.Tensor:
+    """Logits predicting tokens start..T-1, [B, T - start, V], divided by the sampling temperature so
+    that log-probs are those of the distribution the rollout workers sampled from. `logits_to_keep`
+    skips the LM head (a vocabulary-sized matmul per token) on the prompt positions."""
+    keep = input_ids.shape[1] - start + 1
+    return model(input_ids=input_ids, logits_to_keep=keep).logits[:, :-1].float() / temperature
 
 
 def make_objective(name: str, config: RunConfig) -> Objective:
@@ -164,45 +173,43 @@ def make_objective(name: str, config: RunConfig) -> Objective:
 
     def policy(model, batch, ref_fn=None, kl_coef: float = 0.0):
         """Clipped surrogate (+ β·KL to the reference when rl.kl_in == "loss", − entropy bonus)."""
-        ids, mask = batch["input_ids"], batch["loss_mask"][:, 1:]
-        logits = rl_logits(model, ids, temperature)
-        logp = token_logps(logits, ids[:, 1:])
-        loss, stats = clipped_policy_loss(
-            logp, batch["old_logps"][:, 1:], batch["advantages"][:, 1:], mask,
-            rl.clip_eps, rl.clip_eps_high, rl.dual_clip, rl.aggregation)
-        tokens = mask.sum().item()
-        sums = {"pg_loss_sum": 0.0, "tokens": tokens,
-                "clip_fraction_sum": stats["clip_fraction"].item() * tokens,
-                "approx_kl_sum": stats["approx_kl"].item() * tokens,
-                # |log π_learner − log π_rollout|: how far the rollout's sampling log-probs are from ours.
-                "logp_gap_sum": masked_mean((logp.detach() - batch["old_logps"][:, 1:]).abs(), mask).item() * tokens}
-        sums["pg_loss_sum"] = loss.item()  # scaled to a sum below
+        ids = batch["input_ids"]
+        start = response_start(batch["loss_mask"])
+        mask, old, adv = (batch[k][:, start:] for k in ("loss_mask", "old_logps", "advantages"))
+        logits = rl_logits(model, ids, temperature, start)
+        logp = token_logps(logits, ids[:, start:])
+        loss, stats = clipped_policy_loss(logp, old, adv, mask, rl.clip_eps, rl.clip_eps_high, rl.dual_clip,
+                                          rl.aggregation)
+        sums = {"pg_loss_sum": loss.item()}
         if "ref_logps" in batch:
-            kl = kl_estimate(logp, batch["ref_logps"][:, 1:], rl.kl_estimator, clamp=10.0, mask=mask)
-            sums["kl_sum"] = masked_mean(kl.detach(), mask).item() * tokens
+            kl = kl_estimate(logp, batch["ref_logps"][:, start:], rl.kl_estimator, clamp=10.0, mask=mask)
+            sums["kl_sum"] = masked_mean(kl.detach(), mask).item()
             if rl.kl_in == "loss" and kl_coef > 0:
                 loss = loss + kl_coef * aggregate_loss(kl, mask, rl.aggregation)
-        mask_b = mask.bool()
         if rl.entropy_coef > 0:
-            entropy = entropy_from_logits(logits[mask_b])
-            loss = loss - rl.entropy_coef * aggregate_loss(entropy_from_logits(logits), mask, rl.aggregation)
+            entropy = entropy_from_logits(logits)
+            loss = loss - rl.entropy_coef * aggregate_loss(entropy, mask, rl.aggregation)
+            sums["entropy_sum"] = masked_mean(entropy.detach(), mask).item()
         else:
-            with torch.no_grad():
-                entropy = entropy_from_logits(logits.detach()[mask_b])
-        sums["entropy_sum"] = entropy.detach().sum().item()
-        units = rl_units(batch["loss_mask"], rl.aggregation)
-        sums["pg_loss_sum"] *= units
-        sums["units"] = units
+            with torch.no_grad():  # for the log only, on the response tokens alone
+                entropy = entropy_from_logits(logits[mask.bool()])
+            sums["entropy_sum"] = entropy.mean().item() if entropy.numel() else 0.0
+        stats["logp_gap"] = masked_mean((logp.detach() - old).abs(), mask)  # learner vs rollout log-probs
+        sums.update({f"{k}_sum": stats[k].item() for k in ("clip_fraction", "approx_kl", "logp_gap")})
+        # Every value above is a mean: scale to sums (over units for the loss, tokens for the rest).
+        tokens, units = mask.sum().item(), rl_units(batch["loss_mask"], rl.aggregation)
+        sums = {k: v * (units if k == "pg_loss_sum" else tokens) for k, v in sums.items()}
+        sums.update(tokens=tokens, units=units)
         return loss * units, sums
 
     def value(model, batch, ref_fn=None, **_):
         """Clipped value loss of the critic against the GAE returns."""
-        ids, mask = batch["input_ids"], batch["loss_mask"][:, 1:]
-        values = model(input_ids=ids).values[:, :-1].float()
-        loss, stats = clipped_value_loss(values, batch["old_values"][:, 1:], batch["returns"][:, 1:], mask,
-                                         rl.value_clip, rl.aggregation)
-        tokens = mask.sum().item()
-        units = rl_units(batch["loss_mask"], rl.aggregation)
+        ids = batch["input_ids"]
+        start = response_start(batch["loss_mask"])
+        mask, old, returns = (batch[k][:, start:] for k in ("loss_mask", "old_values", "returns"))
+        values = model(input_ids=ids).values[:, start - 1 : -1].float()
+        loss, stats = clipped_value_loss(values, old, returns, mask, rl.value_clip, rl.aggregation)
+        tokens, units = mask.sum().item(), rl_units(batch["loss_mask"], rl.aggregation)
         sums = {"value_loss_sum": loss.item() * units, "units": units, "tokens": tokens,
                 "value_clip_fraction_sum": stats["value_clip_fraction"].item() * tokens}
         return loss * units, sums

@@ -96,8 +96,9 @@ def test_policy_objective_is_the_clipped_loss_times_its_units():
             super().__init__()
             self.net = model
 
-        def forward(self, input_ids):
-            return type("Out", (), {"logits": self.net(input_ids)})()
+        def forward(self, input_ids, logits_to_keep=0):
+            logits = self.net(input_ids)
+            return type("Out", (), {"logits": logits[:, -logits_to_keep:] if logits_to_keep else logits})()
 
     wrapped = Wrapped()
     batch = {k: torch.as_tensor(v) for k, v in training_batch(_rollouts(), pad_id=0).items()}
