@@ -321,6 +321,7 @@ def run_online(config: RunConfig, resume: bool = False, console: Console | None 
                 console.print(f"resumed from {ckpt} at step {start}")
         before: dict[str, float] = {}
         if held_out and start == 0:
+            console.print(f"scoring the initial policy on {len(held_out)} held-out prompts x {EVAL_SAMPLES}")
             before, shown = _evaluate(state, config, held_out, 0)
             run.log_metrics(0, before)
             if eval_samples is not None:
@@ -341,6 +342,7 @@ def run_online(config: RunConfig, resume: bool = False, console: Console | None 
                 _checkpoint(state, run, done, kl_ctl)
         after: dict[str, float] = {}
         if held_out:
+            console.print(f"scoring the trained policy on {len(held_out)} held-out prompts x {EVAL_SAMPLES}")
             after, shown = _evaluate(state, config, held_out, total_steps)
             run.log_metrics(total_steps, after)
             if eval_samples is not None:

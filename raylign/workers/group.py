@@ -41,8 +41,12 @@ def cpu_threads(num_cpus: float) -> int:
 
 def quiet_libraries() -> None:
     """Inside actors: no per-file progress bars or info logs from transformers (they flood the driver)."""
+    import warnings
+
     import transformers
 
+    # transformers' own deprecation notices about its internals are not the user's to act on.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
 

@@ -40,7 +40,8 @@ def test_missing_data_file_is_a_clear_error(capsys, tmp_path):
 def test_recipes_list_and_show(capsys):
     assert main(["recipes", "list"]) == 0
     out = capsys.readouterr().out
-    for name in ("sft", "dpo", "ipo", "kto", "orpo", "simpo", "reward", "quickstart"):
+    for name in ("sft", "dpo", "ipo", "kto", "orpo", "simpo", "reward", "quickstart", "ppo", "grpo", "rloo",
+                 "reinforce_pp"):
         assert name in out
     assert main(["recipes", "show", "dpo"]) == 0
     assert "algorithm: dpo" in capsys.readouterr().out
@@ -69,3 +70,15 @@ def test_data_validate_summary_and_bad_row(capsys, tmp_path):
     bad.write_text(json.dumps({"prompt": "p", "chosen": "", "rejected": "no"}) + "\n")
     assert main(["data", "validate", str(bad), "--kind", "pairs"]) == 2
     assert f"{bad}:1: field 'chosen': empty text" in capsys.readouterr().err
+
+
+def test_online_rl_mistakes_fail_before_any_actor_starts(capsys, tmp_path):
+    base = ["model.path=tiny:llama", f"output.dir={tmp_path}/runs"]
+    assert main(["train", "grpo", *base, "rollout.n_samples=1"]) == 2
+    assert "rollout.n_samples must be >= 2" in capsys.readouterr().err
+    assert main(["train", "grpo", *base, "reward.sources=[{source: vader}]"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown reward source 'vader'. Did you mean 'lexicon:vader'?" in err and "Traceback" not in err
+    assert main(["train", "ppo", *base, "rl.kl_estimator=k4"]) == 2
+    assert "'rl.kl_estimator'" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
