@@ -1,0 +1,462 @@
+"""GRPO throughput: raylign against TRL's `GRPOTrainer` on the same model, prompts, reward and settings.
+
+Both sides train `tiny:llama` (the same local HF directory, so identical weights and tokenizer) with
+full fine-tuning in float32. Every step samples `--prompts-per-step` prompts, `--group-size`
+completions each (at most `--max-new-tokens` tokens, temperature 1, top-p 1, top-k 0, through the
+model's ChatML chat template), scores them with the same reward function (`letter_reward` below: 10 x
+the share of the letter "e" in the completion, dense enough for a tiny random model to move in a few
+dozen steps), turns scores into group advantages (group mean and std), and takes one AdamW step
+(constant learning rate, no warmup, weight decay 0, gradient clipping at 1.0) on the clipped surrogate
+(epsilon 0.2) plus beta x k3 KL to the frozen initial model, averaged over all completion tokens of the
+step (raylign `rl.aggregation=token-mean`, TRL `loss_type="dapo"`; with one micro-batch per step
+TRL's `"bnpo"` is the same). One generation batch per optimizer step on both sides (raylign
+`train.batch_size` = prompts x group size, `rl.epochs=1`; TRL `per_device_train_batch_size` = prompts x
+group size, `gradient_accumulation_steps=1`, so `steps_per_generation=1` and the generation batch is
+one optimizer step's batch, `num_iterations=1`). Both see the same prompts at every step: raylign
+draws them with its seeded `step_indices`, and TRL gets its dataset in that order with
+`shuffle_dataset=False`.
+
+Throughput is completions per second over the training steps, generation included (it is part of
+RL throughput): from the start of the first step to the end of the last. Ray start-up, model
+loading, the dataset and the final save are outside the window. raylign's window comes from its
+`metrics.jsonl` (`time` of the last step minus `time - perf/step_seconds` of the first); TRL's from a
+`TrainerCallback` (first `on_step_begin`, which precedes the step's generation, to last
+`on_step_end`). The time split per step is raylign's `perf/*_seconds` (generate / score + reference
+log-probs / train) and, for TRL, timers around `_generate_single_turn` (generation) and
+`_generate_and_score_completions` (generation + reference log-probs + rewards + advantages); the rest
+of TRL's step is the policy forward/backward and optimizer step.
+
+raylign runs through its public API (`load_config('grpo', overrides)` + `run_pipeline`) on a local
+Ray started here with `--threads` CPUs, shared by its learner, rollout worker and reward worker;
+`resources.threads=--threads` gives the learner and the rollout worker that many torch threads each
+(the loop alternates generation and training, so each may use every core). TRL then runs in this
+same process with `torch.set_num_threads(--threads)`, after Ray is shut down, so the two never compete
+for cores.
+
+The reward curves are printed side by side. The final reward (mean of the last 5 steps) is compared
+against the step-to-step noise: the sides sample with different random streams, so the curves differ
+step by step even though the prompts are the same.
+
+On a machine shared with other work, runs are noisy: `--repeat N` alternates the two sides N times
+and keeps each side's fastest run (medians are printed too); `--omp-passive` makes idle OpenMP
+threads sleep on both sides.
+
+    python bench/grpo_vs_trl.py                        # 30 steps x 8 prompts x 4 completions, 16 tokens
+    python bench/grpo_vs_trl.py --repeat 3 --json grpo.json
+    python bench/grpo_vs_trl.py --only raylign         # one side, e.g. under py-spy
+    python bench/grpo_vs_trl.py --raylign-set resources.rollout_workers=2   # try a raylign setting
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+MODEL = "tiny:llama"
+PROMPTS = "builtin:everyday-prompts"
+LAST_K = 5  # final reward = mean of the last K steps
+HERE = Path(__file__).resolve().parent
+# raylign's reward actor imports the function from this file: its folder goes on the actors' PYTHONPATH.
+REWARD_SPEC = f"function:{Path(__file__).stem}:letter_reward"
+
+
+# ---- the reward (both sides call this same function) ----------------------------------------------
+
+
+def letter_reward(prompts, completions, **_) -> list[float]:
+    """10 x the share of "e" among the completion's characters (0 when empty).
+
+    raylign passes completion strings (decoded, stripped); TRL passes, for chat prompts, one
+    `[{"role": "assistant", "content": ...}]` list per completion, unstripped: both become the same text.
+    """
+    out = []
+    for c in completions:
+        text = (c[-1]["content"] if isinstance(c, list) else c).strip()
+        out.append(10.0 * text.count("e") / len(text) if text else 0.0)
+    return out
+
+
+# ---- prompts -------------------------------------------------------------------------------------
+
+
+def load_prompts(model_dir: str, max_prompt_tokens: int) -> list[str]:
+    """The builtin prompts whose chat-templated form fits `max_prompt_tokens` (raylign would skip the
+    rest, TRL would not: filtering here keeps the two prompt sets equal)."""
+    from raylign.data import load_dataset
+    from raylign.data.templates import format_prompt
+    from raylign.models import load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir)
+    prompts = load_dataset(PROMPTS).column("prompt").to_pylist()
+    return [p for p in prompts
+            if len(tokenizer(format_prompt(p, tokenizer, True), add_special_tokens=False)["input_ids"])
+            <= max_prompt_tokens]
+
+
+def check_prompt_tokens(model_dir: str, prompts: list[str]) -> int:
+    """How many prompts tokenize differently on the two sides: raylign's rollout worker renders
+    `format_prompt` to text and tokenizes it without special tokens; TRL tokenizes the chat messages
+    with `apply_chat_template(add_generation_prompt=True, tokenize=True)`."""
+    from raylign.data.templates import format_prompt
+    from raylign.models import load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir)
+    ours = [tokenizer(format_prompt(p, tokenizer, True), add_special_tokens=False)["input_ids"] for p in prompts]
+    theirs = tokenizer.apply_chat_template([[{"role": "user", "content": p}] for p in prompts],
+                                           add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    return sum(list(a) != list(b) for a, b in zip(ours, theirs, strict=True))
+
+
+def step_order(n_prompts: int, args: argparse.Namespace) -> list[int]:
+    """The prompt indices raylign samples, step after step (its seeded `step_indices`)."""
+    from raylign.pipelines.offline import step_indices
+
+    return [int(i) for step in range(args.steps)
+            for i in step_indices(n_prompts, args.prompts_per_step, args.seed, step)]
+
+
+# ---- results -------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Result:
+    name: str
+    steps: int
+    completions: int  # completions sampled and trained on inside the window
+    window_s: float  # first step start -> last step end
+    step_s: list[float]  # per-step times as each side measures them
+    rewards: list[float]  # mean reward of each step's completions
+    split_s: dict[str, float]  # summed seconds per phase over the steps (generate, score+ref, train)
+    setup_s: float  # everything else: start-up, model load, data, final save
+    load: float = dataclasses.field(default_factory=lambda: os.getloadavg()[0])  # 1-min load avg at the end
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.completions / self.window_s
+
+    @property
+    def median_step_s(self) -> float:
+        return statistics.median(self.step_s)
+
+    def final_reward(self) -> tuple[float, float]:
+        tail = self.rewards[-LAST_K:]
+        return statistics.fmean(tail), (statistics.stdev(tail) if len(tail) > 1 else 0.0)
+
+
+# ---- raylign -------------------------------------------------------------------------------------
+
+
+def run_raylign(args: argparse.Namespace, data_path: Path, model_dir: str, workdir: Path, name: str) -> Result:
+    import ray
+    from rich.console import Console
+
+    from raylign.config import load_config
+    from raylign.pipelines import run_pipeline
+
+    per_step = args.prompts_per_step * args.group_size
+    t = args.threads
+    overrides = [
+        f"seed={args.seed}", "progress=false",
+        f"model.path={model_dir}", "model.lora=null", "model.dtype=float32", "model.gradient_checkpointing=false",
+        "data.kind=prompts", f"data.train={data_path}", "data.val_fraction=0", "data.apply_chat_template=true",
+        f"data.max_prompt_length={args.max_prompt_tokens}",
+        f"reward.sources=[{{source: '{REWARD_SPEC}', weight: 1.0}}]",
+        f"rollout.prompts_per_step={args.prompts_per_step}", f"rollout.n_samples={args.group_size}",
+        f"rollout.batch_size={args.prompts_per_step}",  # one generate call per step, like TRL
+        f"rollout.max_new_tokens={args.max_new_tokens}", "rollout.temperature=1.0", "rollout.top_p=1.0",
+        "rollout.top_k=0",
+        f"rl.kl_coef={args.beta}", "rl.kl_estimator=k3", "rl.kl_in=loss", "rl.kl_target=null",
+        f"rl.clip_eps={args.epsilon}", "rl.clip_eps_high=null", "rl.dual_clip=null", "rl.epochs=1",
+        "rl.aggregation=token-mean", "rl.scale_rewards=true", "rl.entropy_coef=0", "rl.eval_prompts=0",
+        f"train.lr={args.lr}", f"train.batch_size={per_step}", f"train.micro_batch_size={per_step}",
+        f"train.max_steps={args.steps}", "train.scheduler=constant", "train.warmup_steps=0",
+        "train.weight_decay=0", "train.max_grad_norm=1.0", "train.eval_every=0", "train.log_every=1",
+        "resources.learners=1", "resources.rollout_workers=1", "resources.reward_workers=1",
+        f"resources.threads={t}",
+        f"output.dir={workdir / 'runs'}", f"output.name={name}", "output.overwrite=true",
+        "output.save_every=0", "output.tensorboard=false", "output.samples_per_step=0",
+    ] + list(args.raylign_set)
+    config = load_config("grpo", overrides)
+    # The Ray CPUs (a scheduling reservation only) are split evenly over the actors so that they all fit
+    # on a local Ray of --threads CPUs; torch threads come from resources.threads, not from these shares.
+    res = config.resources
+    share = t / (res.learners + res.rollout_workers + res.reward_workers)
+    res.cpus_per_learner = res.cpus_per_rollout_worker = res.cpus_per_reward_worker = share
+    start = time.perf_counter()
+    # Actors inherit this process's environment (PYTHONPATH for the reward function, HF offline, OMP).
+    ray.init(address="local", num_cpus=t, include_dashboard=False)
+    try:
+        result = run_pipeline(config, console=Console(stderr=True))
+    finally:
+        ray.shutdown()
+    total = time.perf_counter() - start
+    run_dir = Path(result.run_dir)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "perf/step_seconds" in r]
+    if len(rows) != args.steps:
+        raise RuntimeError(f"raylign logged {len(rows)} training steps, expected {args.steps}")
+    step_s = [r["perf/step_seconds"] for r in rows]
+    window = rows[-1]["time"] - (rows[0]["time"] - step_s[0])
+    split = {"generate": sum(r["perf/generate_seconds"] for r in rows),
+             "score+ref": sum(r["perf/score_seconds"] + r["perf/reference_seconds"] for r in rows),
+             "train": sum(r["perf/train_seconds"] for r in rows)}
+    if sum(r["rollout/completions"] for r in rows) != args.steps * per_step:
+        raise RuntimeError("raylign trained on a different number of completions than expected")
+    return Result("raylign", args.steps, args.steps * per_step, window, step_s,
+                  [r["reward/mean"] for r in rows], split, total - window)
+
+
+# ---- TRL -----------------------------------------------------------------------------------------
+
+
+def run_trl(args: argparse.Namespace, prompts: list[str], order: list[int], model_dir: str, workdir: Path,
+            name: str) -> Result:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.begin: list[float] = []
+            self.end: list[float] = []
+            self.rewards: list[float] = []
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.begin.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.end.append(time.perf_counter())
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "reward" in logs:
+                self.rewards.append(float(logs["reward"]))
+
+    class TimedGRPOTrainer(GRPOTrainer):
+        """GRPOTrainer with two timers around its own methods (behaviour unchanged)."""
+
+        seconds = {"generate": 0.0, "generate+score+ref": 0.0}
+
+        def _generate_single_turn(self, *a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return super()._generate_single_turn(*a, **kw)
+            finally:
+                self.seconds["generate"] += time.perf_counter() - t0
+
+        def _generate_and_score_completions(self, *a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return super()._generate_and_score_completions(*a, **kw)
+            finally:
+                self.seconds["generate+score+ref"] += time.perf_counter() - t0
+
+    TimedGRPOTrainer.seconds = {"generate": 0.0, "generate+score+ref": 0.0}
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    per_step = args.prompts_per_step * args.group_size
+    # Chat-format prompts: TRL applies the tokenizer's chat template with add_generation_prompt=True,
+    # which is what raylign's data.apply_chat_template=true does.
+    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": prompts[i]}]} for i in order])
+    settings: dict[str, Any] = dict(
+        output_dir=str(workdir / "runs" / name), seed=args.seed, data_seed=args.seed, use_cpu=True,
+        bf16=False, fp16=False,  # float32 on both sides
+        # One optimizer step = one generation batch of prompts_per_step x group_size completions.
+        per_device_train_batch_size=per_step, gradient_accumulation_steps=1, steps_per_generation=1,
+        num_generations=args.group_size, num_iterations=1, max_steps=args.steps,
+        max_completion_length=args.max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
+        beta=args.beta, epsilon=args.epsilon, loss_type="dapo", scale_rewards="group",
+        learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+        max_grad_norm=1.0,  # optim: TRL's default AdamW (adamw_torch_fused), like raylign's learner
+        shuffle_dataset=False,  # the dataset is already in raylign's per-step prompt order
+        use_vllm=False, eval_strategy="no", save_strategy="no", report_to="none", logging_steps=1,
+        disable_tqdm=True, dataloader_num_workers=0, log_completions=False,
+    )
+    # TRL turns activation checkpointing on by default; raylign does not checkpoint here, and it only
+    # costs time when memory is not the limit.
+    fields = {f.name for f in dataclasses.fields(GRPOConfig)}
+    settings["activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"] = False
+    timer = StepTimer()
+    trainer = TimedGRPOTrainer(model=model, reward_funcs=[letter_reward], args=GRPOConfig(**settings),
+                               train_dataset=dataset, processing_class=tokenizer, callbacks=[timer])
+    trainer.remove_callback(PrinterCallback)  # no per-step dict printing; raylign prints none either
+    trainer.train()
+    total = time.perf_counter() - start
+    if len(timer.begin) != args.steps or len(timer.rewards) != args.steps:
+        raise RuntimeError(f"TRL ran {len(timer.begin)} steps and logged {len(timer.rewards)} rewards, "
+                           f"expected {args.steps}")
+    window = timer.end[-1] - timer.begin[0]
+    step_s = [e - b for b, e in zip(timer.begin, timer.end, strict=True)]
+    sec = TimedGRPOTrainer.seconds
+    split = {"generate": sec["generate"], "score+ref": sec["generate+score+ref"] - sec["generate"],
+             "train": sum(step_s) - sec["generate+score+ref"]}
+    return Result("TRL", args.steps, args.steps * per_step, window, step_s, timer.rewards, split, total - window)
+
+
+# ---- main ----------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--steps", type=int, default=30, help="optimizer steps (= generation batches) on each side")
+    p.add_argument("--prompts-per-step", type=int, default=8)
+    p.add_argument("--group-size", type=int, default=4, help="completions per prompt (raylign n_samples, "
+                   "TRL num_generations)")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="max completion tokens")
+    p.add_argument("--max-prompt-tokens", type=int, default=128,
+                   help="prompts longer than this (chat-templated) are left out on both sides")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--beta", type=float, default=0.04, help="KL coefficient (k3 in the loss)")
+    p.add_argument("--epsilon", type=float, default=0.2, help="clip range of the surrogate")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default=MODEL, help="model on both sides (a raylign name or a local HF directory)")
+    p.add_argument("--threads", type=int, default=2,
+                   help="raylign: Ray CPUs and torch threads of its rollout worker and learner; TRL: torch threads")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run each side this many times, alternating which goes first, and keep each side's "
+                        "fastest run (for machines with other load)")
+    p.add_argument("--omp-passive", action="store_true",
+                   help="OMP_WAIT_POLICY=PASSIVE for both sides (Ray actors inherit it): idle OpenMP threads sleep "
+                        "instead of spinning, which keeps multi-threaded torch usable when other work shares the "
+                        "cores")
+    p.add_argument("--raylign-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra raylign config override (repeatable), e.g. resources.rollout_workers=2; the "
+                        "default is one learner, one rollout worker and one reward worker")
+    p.add_argument("--only", choices=["raylign", "trl"], help="run one side (e.g. under a profiler)")
+    p.add_argument("--workdir", help="where data and runs go (default: a fresh temp dir)")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    args = p.parse_args(argv)
+    if args.repeat < 1:
+        p.error("--repeat must be >= 1")
+    if args.group_size < 2:
+        p.error("--group-size must be >= 2 (GRPO compares completions of one prompt)")
+    if args.steps < 1:
+        p.error("--steps must be >= 1")
+    return args
+
+
+def describe(r: Result) -> str:
+    reward, sd = r.final_reward()
+    split = " / ".join(f"{k} {v / r.steps * 1000:.0f}" for k, v in r.split_s.items())
+    other = r.window_s - sum(r.split_s.values())
+    return (f"{r.name:>8}: {r.samples_per_s:7.1f} samples/s  ({r.steps} steps in {r.window_s:6.2f}s, median step "
+            f"{1000 * r.median_step_s:6.1f} ms; mean ms/step: {split} / other {other / r.steps * 1000:.0f}; "
+            f"outside the window {r.setup_s:5.1f}s; load {r.load:.1f})  "
+            f"final reward {reward:.3f} ± {sd:.3f} (first {r.rewards[0]:.3f})")
+
+
+def reward_table(results: list[Result], every: int) -> str:
+    lines = ["step  " + "".join(f"{r.name:>10}" for r in results)]
+    steps = results[0].steps
+    for s in range(steps):
+        if s % every == 0 or s == steps - 1:
+            lines.append(f"{s + 1:>4}  " + "".join(f"{r.rewards[s]:>10.3f}" for r in results))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.omp_passive:  # before torch (and its OpenMP runtime) is loaded here or in any Ray worker
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    # raylign's reward actor imports `letter_reward` from this file, wherever the script is run from.
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))
+    sys.path.insert(0, str(HERE))
+    from raylign.models import pull_model
+
+    load_at_start = os.getloadavg()[0]
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="raylign-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    model_dir = pull_model(args.model)
+    prompts = load_prompts(model_dir, args.max_prompt_tokens)
+    if len(prompts) < args.prompts_per_step:
+        raise SystemExit(f"only {len(prompts)} prompts fit --max-prompt-tokens={args.max_prompt_tokens}")
+    data_path = workdir / "prompts.jsonl"
+    with open(data_path, "w", encoding="utf-8") as f:
+        for p in prompts:
+            f.write(json.dumps({"prompt": p}) + "\n")
+    order = step_order(len(prompts), args)
+    mismatched = check_prompt_tokens(model_dir, prompts)
+    per_step = args.prompts_per_step * args.group_size
+    print(f"{args.model} at {model_dir}; {len(prompts)} prompts ({PROMPTS}, chat template, <= "
+          f"{args.max_prompt_tokens} tokens); {args.steps} steps x {args.prompts_per_step} prompts x "
+          f"{args.group_size} completions = {per_step} per optimizer step, <= {args.max_new_tokens} new tokens; "
+          f"beta {args.beta} (k3, in the loss), epsilon {args.epsilon}, lr {args.lr}, {args.threads} threads, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'default')}", flush=True)
+    print(f"same work: prompt token ids identical on both sides = {mismatched == 0}"
+          + (f" ({mismatched} of {len(prompts)} differ)" if mismatched else ""), flush=True)
+
+    sides = [s for s in ("raylign", "trl") if args.only in (None, s)]
+    runs: dict[str, list[Result]] = {s: [] for s in sides}
+    for r in range(args.repeat):
+        for side in sides if r % 2 == 0 else sides[::-1]:
+            if side == "raylign":
+                res = run_raylign(args, data_path, model_dir, workdir, f"raylign-{r}")
+            else:
+                res = run_trl(args, prompts, order, model_dir, workdir, f"trl-{r}")
+            runs[side].append(res)
+            print(describe(res), flush=True)
+    # Outside load only ever slows a run down, so each side's fastest run is its best estimate.
+    results = [max(runs[s], key=lambda res: res.samples_per_s) for s in sides]
+    if args.repeat > 1:
+        print(f"best of {args.repeat} runs per side:")
+        for res in results:
+            print(describe(res))
+    print("reward mean per step (same prompts at every step on both sides):")
+    print(reward_table(results, max(1, args.steps // 10)))
+
+    report: dict[str, Any] = {
+        "settings": {k: getattr(args, k) for k in ("steps", "prompts_per_step", "group_size", "max_new_tokens",
+                                                   "max_prompt_tokens", "lr", "beta", "epsilon", "seed", "model",
+                                                   "threads", "repeat", "raylign_set")}
+        | {"omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "load_avg_at_start": load_at_start,
+           "prompts": len(prompts), "prompt_token_mismatches": mismatched},
+        "results": {r.name: {"samples_per_s": r.samples_per_s, "window_s": r.window_s,
+                             "median_step_s": r.median_step_s, "split_s": r.split_s,
+                             "final_reward": r.final_reward()[0], "final_reward_sd": r.final_reward()[1],
+                             "rewards": r.rewards, "step_s": r.step_s,
+                             "all_runs_samples_per_s": [x.samples_per_s for x in runs[s]],
+                             "all_runs_load": [x.load for x in runs[s]]}
+                    for r, s in zip(results, sides, strict=True)},
+    }
+    if len(results) == 2:
+        ours, peer = results
+        ratio = ours.samples_per_s / peer.samples_per_s
+        (r1, s1), (r2, s2) = ours.final_reward(), peer.final_reward()
+        # The step-to-step spread of the reward is the noise: the two sides sample with different random
+        # streams, so only the curves' endpoints are compared.
+        k = min(LAST_K, len(ours.rewards))
+        noise = 2 * math.sqrt((s1**2 + s2**2) / k) + 0.01
+        agree = abs(r1 - r2) <= noise
+        medians = [statistics.median(x.samples_per_s for x in runs[s]) for s in sides]
+        report["ratio_raylign_over_trl"] = ratio
+        report["ratio_of_medians"] = medians[0] / medians[1]
+        report["final_reward_agree"] = agree
+        print(f"ratio raylign/TRL: {ratio:.2f}x samples/s"
+              + (f" (best runs; median runs {medians[0]:.1f} / {medians[1]:.1f} = {medians[0] / medians[1]:.2f}x)"
+                 if args.repeat > 1 else ""))
+        print(f"final reward (mean of last {k} steps): raylign {r1:.3f}, TRL {r2:.3f}, |diff| {abs(r1 - r2):.3f} "
+              f"{'<=' if agree else '>'} noise {noise:.3f}: {'agree' if agree else 'DISAGREE'} within noise")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
