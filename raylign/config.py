@@ -90,6 +90,9 @@ class RolloutConfig(Section):
     temperature: float = Field(1.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)
+    overlap: bool = Field(
+        False, description="online RL: sample step k+1 while the learners train on step k (one update "
+        "behind; the clipped ratio against the sampling log-probs corrects for it)")
 
 
 class RLConfig(Section):

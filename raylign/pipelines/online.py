@@ -79,6 +79,7 @@ def merge_rollouts(parts: list[dict[str, Any]], prompt_offsets: list[int]) -> di
     out["versions"] = [p["version"] for p in parts]
     out["seconds"] = max(p["seconds"] for p in parts)
     out["tokens"] = sum(p["tokens"] for p in parts)
+    out["wait_seconds"] = 0.0
     return out
 
 
@@ -181,15 +182,30 @@ class OnlineRun:
             group.call("setup_distributed", addr, port)
             group.call("setup_optimizer", optimizer_steps)
 
-    def generate(self, prompts: list[Any], sampling: dict[str, Any], seed: int, version: int) -> dict[str, Any]:
-        """Sample with the policy's current weights: one `ray.put` (by the learner) reaches every worker."""
+    def launch_generate(self, prompts: list[Any], sampling: dict[str, Any], seed: int,
+                        version: int) -> tuple[list[ray.ObjectRef], list[int]]:
+        """Start sampling with the policy's weights as they are now (the learner's `get_weights` call is
+        queued before any later training call): one object reaches every worker. Returns the pending
+        results and each worker's first prompt index, for `collect`."""
         weights = self.policy.workers[0].get_weights.remote()
         parts = split_list(prompts, len(self.rollout))
         offsets = list(np.cumsum([0] + [len(p) for p in parts[:-1]]))
         refs = [w.generate.remote(part, sampling, seed=seed + i, weights=weights, version=version)
                 for i, (w, part) in enumerate(zip(self.rollout.workers, parts, strict=True)) if part]
-        results = ray.get(refs)
-        return merge_rollouts(results, [o for o, p in zip(offsets, parts, strict=True) if p])
+        return refs, [int(o) for o, p in zip(offsets, parts, strict=True) if p]
+
+    @staticmethod
+    def collect(pending: tuple[list[ray.ObjectRef], list[int]] | dict[str, Any]) -> dict[str, Any]:
+        if isinstance(pending, dict):  # restored from a checkpoint
+            return pending
+        refs, offsets = pending
+        start = time.perf_counter()
+        out = merge_rollouts(ray.get(refs), offsets)
+        out["wait_seconds"] = time.perf_counter() - start  # generation the driver waited for
+        return out
+
+    def generate(self, prompts: list[Any], sampling: dict[str, Any], seed: int, version: int) -> dict[str, Any]:
+        return self.collect(self.launch_generate(prompts, sampling, seed, version))
 
     def score_async(self, prompts: list[Any], completions: list[str]) -> list[ray.ObjectRef]:
         p_parts, c_parts = split_list(prompts, len(self.reward)), split_list(completions, len(self.reward))
@@ -327,11 +343,23 @@ def run_online(config: RunConfig, resume: bool = False, console: Console | None 
             if eval_samples is not None:
                 eval_samples["before"] = shown
         sampling = ro.model_dump()
+
+        def launch(step: int, version: int):
+            prompts = [train[i] for i in step_indices(len(train), ro.prompts_per_step, config.seed, step)]
+            return state.launch_generate(prompts, sampling, step_seed(config.seed, step, 0), version)
+
+        # With rollout.overlap, step k+1 is sampled (with the weights before step k's update) while the
+        # learners train on step k; a checkpoint then keeps that batch, so a resumed run trains on it too.
+        pending = load_pending_rollouts(run.latest_checkpoint()) if (resume and start and ro.overlap) else None
         bar = tqdm(range(start, total_steps), desc=algorithm, disable=not config.progress, initial=start,
                    total=total_steps, unit="step")
         metrics: dict[str, Any] = {}
         for step in bar:
-            metrics = _rl_step(state, config, run, train, step, sampling, kl_ctl, minibatches)
+            if pending is None:
+                pending = launch(step, version=step)
+            rollouts = state.collect(pending)
+            pending = launch(step + 1, version=step) if ro.overlap and step + 1 < total_steps else None
+            metrics = _rl_step(state, config, run, train, step, rollouts, kl_ctl, minibatches)
             done = step + 1
             if t.eval_every and done % t.eval_every == 0 and held_out and done < total_steps:
                 metrics.update(_evaluate(state, config, held_out, done)[0])
@@ -339,7 +367,9 @@ def run_online(config: RunConfig, resume: bool = False, console: Console | None 
                 run.log_metrics(done, metrics)
             bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics['kl/seq_mean']:.3f}")
             if config.output.save_every and done % config.output.save_every == 0 and done < total_steps:
-                _checkpoint(state, run, done, kl_ctl)
+                if pending is not None:
+                    pending = state.collect(pending)
+                _checkpoint(state, run, done, kl_ctl, pending)
         after: dict[str, float] = {}
         if held_out:
             console.print(f"scoring the trained policy on {len(held_out)} held-out prompts x {EVAL_SAMPLES}")
@@ -358,13 +388,12 @@ def run_online(config: RunConfig, resume: bool = False, console: Console | None 
 
 
 def _rl_step(state: OnlineRun, config: RunConfig, run: RunDir, train: list[Any], step: int,
-             sampling: dict[str, Any], kl_ctl, minibatches: int) -> dict[str, Any]:
+             rollouts: dict[str, Any], kl_ctl, minibatches: int) -> dict[str, Any]:
     from raylign.data import prompt_plain_text
 
     rl, t, ro = config.rl, config.train, config.rollout
-    t0 = time.perf_counter()
+    t0 = time.perf_counter() - rollouts["wait_seconds"]
     prompts = [train[i] for i in step_indices(len(train), ro.prompts_per_step, config.seed, step)]
-    rollouts = state.generate(prompts, sampling, step_seed(config.seed, step, 0), version=step)
     n = len(rollouts["texts"])
     expected = len(prompts) * ro.n_samples
     if n != expected:  # a retried rollout must neither lose nor duplicate samples
@@ -414,12 +443,14 @@ def _rl_step(state: OnlineRun, config: RunConfig, run: RunDir, train: list[Any],
     metrics["kl/coef"] = kl_coef
     seconds = t_train - t0
     metrics.update({
-        "perf/generate_seconds": t_gen - t0, "perf/score_seconds": t_score - t_gen,
+        "perf/generate_seconds": t_gen - t0, "rollout/generate_seconds": rollouts["seconds"],
+        "perf/score_seconds": t_score - t_gen,
         "perf/reference_seconds": t_ref - t_score, "perf/train_seconds": t_train - t_ref,
         "perf/step_seconds": seconds, "perf/samples_per_second": n / seconds,
-        "perf/generate_tokens_per_second": rollouts["tokens"] / max(t_gen - t0, 1e-9),
+        "perf/generate_tokens_per_second": rollouts["tokens"] / max(rollouts["seconds"], 1e-9),
         "perf/train_tokens_per_second": float(batch["attention_mask"].sum()) * rl.epochs / max(t_train - t_ref, 1e-9),
         "rollout/weight_version": min(rollouts["versions"]), "rollout/completions": n,
+        "rollout/weight_lag": step - min(rollouts["versions"]),
     })
     k = config.output.samples_per_step
     run.log_samples(step + 1, [
@@ -453,8 +484,37 @@ def _step_metrics(batch, scores, rollouts, policy_sums, critic_sums) -> dict[str
     return metrics
 
 
-def _checkpoint(state: OnlineRun, run: RunDir, step: int, kl_ctl) -> None:
+def save_pending_rollouts(rollouts: dict[str, Any], path) -> None:
+    """The batch sampled for the next step, as plain arrays (no pickle): ids and log-probs concatenated
+    with their lengths, texts as JSON."""
+    lengths = {k: np.array([len(x) for x in rollouts[k]], dtype=np.int64)
+               for k in ("prompt_ids", "response_ids")}
+    np.savez(path / "rollouts.npz",
+             **{k: np.concatenate(rollouts[k]).astype(np.int64) if len(rollouts[k]) else np.zeros(0, np.int64)
+                for k in ("prompt_ids", "response_ids")},
+             logprobs=np.concatenate(rollouts["logprobs"]).astype(np.float32),
+             prompt_lengths=lengths["prompt_ids"], response_lengths=lengths["response_ids"],
+             group_ids=rollouts["group_ids"], finished=rollouts["finished"])
+    meta = {k: rollouts[k] for k in ("texts", "versions", "seconds", "tokens")}
+    (path / "rollouts.json").write_text(json.dumps(meta))
+
+
+def load_pending_rollouts(ckpt) -> dict[str, Any] | None:
+    if ckpt is None or not (ckpt / "rollouts.npz").exists():
+        return None
+    data = np.load(ckpt / "rollouts.npz", allow_pickle=False)
+    out: dict[str, Any] = json.loads((ckpt / "rollouts.json").read_text())
+    for key, lengths in (("prompt_ids", "prompt_lengths"), ("response_ids", "response_lengths"),
+                         ("logprobs", "response_lengths")):
+        out[key] = np.split(data[key], np.cumsum(data[lengths])[:-1])
+    out.update(group_ids=data["group_ids"], finished=data["finished"], wait_seconds=0.0)
+    return out
+
+
+def _checkpoint(state: OnlineRun, run: RunDir, step: int, kl_ctl, pending: dict[str, Any] | None) -> None:
     tmp = run.begin_checkpoint(step)
+    if pending is not None:
+        save_pending_rollouts(pending, tmp)
     state.policy.call("save_checkpoint", str(tmp))
     if state.critic is not None:
         state.critic.call("save_checkpoint", str(tmp / "critic"), with_model_dir=False)

@@ -58,6 +58,14 @@ def test_algorithm_raises_reward_with_finite_kl(tmp_path, algorithm):
     assert (tmp_path / "runs" / algorithm / "final" / "config.json").exists()
 
 
+def test_overlapped_sampling_is_one_update_behind_and_still_learns(tmp_path):
+    result = run_pipeline(_config(tmp_path, "grpo", "overlap", "train.max_steps=25", "rollout.overlap=true"))
+    rows = read_metrics(result.run_dir)
+    steps = [r for r in rows if "reward/mean" in r]
+    assert [r["rollout/weight_lag"] for r in steps] == [0] + [1] * 24
+    assert rows[-1]["eval/reward"] > rows[0]["eval/reward"] + 0.6, (rows[0], rows[-1])
+
+
 def _steps(run_dir):
     return {r["step"]: r for r in read_metrics(run_dir) if "reward/mean" in r}
 

@@ -132,3 +132,16 @@ def test_online_config_errors_are_one_clear_message():
 def test_split_list_is_contiguous_and_covers_everything():
     assert split_list(list(range(5)), 2) == [[0, 1, 2], [3, 4]]
     assert split_list([1], 3) == [[1], [], []]
+
+
+def test_pending_rollouts_survive_a_checkpoint_round_trip(tmp_path):
+    from raylign.pipelines.online import load_pending_rollouts, save_pending_rollouts
+
+    rollouts = _rollouts()
+    save_pending_rollouts(rollouts, tmp_path)
+    restored = load_pending_rollouts(tmp_path)
+    for key in ("prompt_ids", "response_ids", "logprobs"):
+        assert [a.tolist() for a in restored[key]] == [np.asarray(a).tolist() for a in rollouts[key]]
+    assert restored["texts"] == rollouts["texts"] and restored["group_ids"].tolist() == [0, 0, 1, 1]
+    assert training_batch(restored, 0)["old_logps"].tolist() == training_batch(rollouts, 0)["old_logps"].tolist()
+    assert load_pending_rollouts(tmp_path / "none") is None
