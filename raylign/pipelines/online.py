@@ -151,12 +151,19 @@ class OnlineRun:
         self.config = config
         self.algorithm = config.algorithm
         self.pad_id = tokenizer_pad_id
+        self.policy = self.critic = self.rollout = self.reward = None
+        try:
+            self._start_groups(config, run)
+        except BaseException:
+            self.shutdown()  # the groups already placed must not hold their CPUs
+            raise
+
+    def _start_groups(self, config: RunConfig, run: RunDir) -> None:
         r = config.resources
         prefix = f"raylign-{run.name}"
         self.policy = WorkerGroup(
             LearnerWorker, r.learners, r.cpus_per_learner, r.gpus_per_learner, name="policy", threads=r.threads,
             actor_name_prefix=f"{prefix}-policy", init_kwargs={"config": config.model_dump(), "objective": "policy"})
-        self.critic = None
         if self.algorithm == "ppo":
             critic_cfg = config.model_copy(deep=True)
             critic_cfg.model.path = config.rl.critic or config.model.path
@@ -174,7 +181,10 @@ class OnlineRun:
             RewardWorker, r.reward_workers, r.cpus_per_reward_worker, name="reward",
             max_restarts=ROLLOUT_RESTARTS, actor_name_prefix=f"{prefix}-reward",
             init_kwargs={"reward": config.reward.model_dump(), "tokenizer": config.model.path})
-        self.learner_groups = [g for g in (self.policy, self.critic) if g is not None]
+
+    @property
+    def learner_groups(self) -> list[WorkerGroup]:
+        return [g for g in (self.policy, self.critic) if g is not None]
 
     def setup(self, optimizer_steps: int) -> None:
         for group in self.learner_groups:
@@ -225,8 +235,9 @@ class OnlineRun:
                 group.call("shutdown")
             finally:
                 group.shutdown()
-        self.rollout.shutdown()
-        self.reward.shutdown()
+        for group in (self.rollout, self.reward):
+            if group is not None:
+                group.shutdown()
 
 
 def _combine_ranks(parts: list[dict[str, float]]) -> dict[str, float]:
@@ -317,8 +328,12 @@ def run_online(config: RunConfig, resume: bool = False, console: Console | None 
     console.print(f"[bold]{algorithm}[/bold] {run.path}  ·  {len(train)} prompts, {len(held_out)} held out  ·  "
                   f"{total_steps} steps x {per_step} completions  ·  {rl.epochs} epoch(s) x {minibatches} "
                   f"minibatch(es)")
-    init_ray(config.resources.ray_address)
-    state = OnlineRun(config, run, tokenizer.pad_token_id)
+    try:
+        init_ray(config.resources.ray_address)
+        state = OnlineRun(config, run, tokenizer.pad_token_id)
+    except BaseException:
+        run.close()
+        raise
     kl_ctl = (AdaptiveKLController(rl.kl_coef, rl.kl_target, rl.kl_horizon) if rl.kl_target
               else FixedKLController(rl.kl_coef))
     try:

@@ -15,7 +15,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from raylign.config import load_config
+from raylign.config import ConfigError, load_config
 
 
 def run_quickstart(overrides: list[str] | None = None, console: Console | None = None) -> dict[str, Any]:
@@ -25,6 +25,9 @@ def run_quickstart(overrides: list[str] | None = None, console: Console | None =
 
     console = console or Console()
     config = load_config("quickstart", overrides)
+    if not (config.rl.eval_prompts and (config.data.val_fraction or config.data.validation)):
+        raise ConfigError("the quickstart measures the reward on held-out prompts: keep rl.eval_prompts > 0 "
+                          "and data.val_fraction > 0 (or set data.validation)")
     console.rule("[bold]raylign quickstart")
     console.print(f"model {config.model.path} (LoRA r={config.model.lora.r if config.model.lora else '-'}), "
                   f"reward {', '.join(s.source for s in config.reward.sources)}, {config.algorithm}")

@@ -82,3 +82,8 @@ def test_online_rl_mistakes_fail_before_any_actor_starts(capsys, tmp_path):
     assert main(["train", "ppo", *base, "rl.kl_estimator=k4"]) == 2
     assert "'rl.kl_estimator'" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_quickstart_without_held_out_prompts_is_refused(capsys):
+    assert main(["quickstart", "rl.eval_prompts=0"]) == 2
+    assert "held-out prompts" in capsys.readouterr().err
