@@ -71,16 +71,26 @@ def _steps(run_dir):
 
 
 @pytest.fixture(scope="module")
-def baseline(tmp_path_factory):
-    """An uninterrupted 6-step GRPO run: the reference for the fault and resume tests."""
-    tmp = tmp_path_factory.mktemp("baseline")
-    result = run_pipeline(_config(tmp, "grpo", "baseline", "train.max_steps=6"))
-    return _steps(result.run_dir)
+def baselines(tmp_path_factory):
+    """Uninterrupted 6-step GRPO runs (sequential, or with rollout.overlap), the references for the
+    fault and resume tests; each is run on first use."""
+    cache: dict[bool, dict] = {}
+
+    def get(overlap: bool = False) -> dict:
+        if overlap not in cache:
+            tmp = tmp_path_factory.mktemp("baseline")
+            result = run_pipeline(_config(tmp, "grpo", "baseline", "train.max_steps=6",
+                                          f"rollout.overlap={str(overlap).lower()}"))
+            cache[overlap] = _steps(result.run_dir)
+        return cache[overlap]
+
+    return get
 
 
-def test_killed_rollout_worker_is_restarted_and_the_step_retried(tmp_path, baseline):
+def test_killed_rollout_worker_is_restarted_and_the_step_retried(tmp_path, baselines):
     import ray
 
+    baseline = baselines()
     config = _config(tmp_path, "grpo", "faulty", "train.max_steps=6")
     metrics_file = tmp_path / "runs" / "faulty" / "metrics.jsonl"
     errors: list[BaseException] = []
@@ -114,9 +124,13 @@ def _cli(tmp_path, *extra):
             "output.name=resumed", "train.max_steps=6", "output.save_every=2", *extra]
 
 
-def test_resumed_run_matches_the_uninterrupted_one(tmp_path, baseline):
+@pytest.mark.parametrize("overlap", [False, True], ids=["sequential", "overlap"])
+def test_resumed_run_matches_the_uninterrupted_one(tmp_path, baselines, overlap):
+    """With rollout.overlap the checkpoint also holds the batch already sampled for the next step."""
+    baseline = baselines(overlap)
     env = dict(os.environ, RAY_ADDRESS="")  # each CLI run starts its own local Ray
-    proc = subprocess.Popen(_cli(tmp_path), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    flag = f"rollout.overlap={str(overlap).lower()}"
+    proc = subprocess.Popen(_cli(tmp_path, flag), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     ckpt = tmp_path / "runs" / "resumed" / "checkpoints" / "step_4"
     deadline = time.time() + 240
@@ -125,7 +139,7 @@ def test_resumed_run_matches_the_uninterrupted_one(tmp_path, baseline):
     assert ckpt.exists(), "the run never wrote its step-4 checkpoint"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    subprocess.run(_cli(tmp_path, "--resume"), check=True, env=env, timeout=300)
+    subprocess.run(_cli(tmp_path, flag, "--resume"), check=True, env=env, timeout=300)
     resumed = _steps(tmp_path / "runs" / "resumed")
     assert sorted(resumed) == list(range(1, 7))  # no step lost or logged twice
     for step in range(1, 7):
