@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import random
 import statistics
@@ -52,8 +51,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import alternate_runs, endpoints_agree, step_timer, tail_mean  # noqa: E402
+
 MODEL = "tiny:llama"
-LAST_K = 5  # final loss = mean of the last K steps
 
 # ---- data ----------------------------------------------------------------------------------------
 # Words the tiny tokenizer was trained on (raylign/models/tiny.py), so a word is about two tokens.
@@ -131,8 +132,7 @@ class Result:
         return statistics.median(self.step_s)
 
     def final_loss(self) -> tuple[float, float]:
-        tail = self.losses[-LAST_K:]
-        return statistics.fmean(tail), (statistics.stdev(tail) if len(tail) > 1 else 0.0)
+        return tail_mean(self.losses)
 
 
 # ---- raylign -------------------------------------------------------------------------------------
@@ -185,24 +185,8 @@ def run_raylign(args: argparse.Namespace, data_path: Path, workdir: Path, name: 
 def run_trl(args: argparse.Namespace, rows: list[dict[str, str]], model_dir: str, workdir: Path, name: str):
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
     from trl import DPOConfig, DPOTrainer
-
-    class StepTimer(TrainerCallback):
-        def __init__(self):
-            self.begin: list[float] = []
-            self.end: list[float] = []
-            self.losses: list[float] = []
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.begin.append(time.perf_counter())
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.end.append(time.perf_counter())
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                self.losses.append(float(logs["loss"]))
 
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
@@ -223,18 +207,18 @@ def run_trl(args: argparse.Namespace, rows: list[dict[str, str]], model_dir: str
     # costs time when memory is not the limit.
     fields = {f.name for f in dataclasses.fields(DPOConfig)}
     settings["activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"] = False
-    timer = StepTimer()
+    timer = step_timer("loss")
     trainer = DPOTrainer(model=model, args=DPOConfig(**settings), train_dataset=Dataset.from_list(rows),
                          processing_class=tokenizer, callbacks=[timer])
     trainer.remove_callback(PrinterCallback)  # no per-step dict printing; raylign prints none either
     trainer.train()
     total = time.perf_counter() - start
-    if len(timer.begin) != args.steps or len(timer.losses) != args.steps:
-        raise RuntimeError(f"TRL ran {len(timer.begin)} steps and logged {len(timer.losses)} losses, "
+    if len(timer.begin) != args.steps or len(timer.values) != args.steps:
+        raise RuntimeError(f"TRL ran {len(timer.begin)} steps and logged {len(timer.values)} losses, "
                            f"expected {args.steps}")
     window = timer.end[-1] - timer.begin[0]
     step_s = [e - b for b, e in zip(timer.begin, timer.end, strict=True)]
-    res = Result("TRL", args.steps, args.steps * args.batch_size, window, step_s, timer.losses, total - window)
+    res = Result("TRL", args.steps, args.steps * args.batch_size, window, step_s, timer.values, total - window)
     return res, trainer
 
 
@@ -330,22 +314,17 @@ def main(argv: list[str] | None = None) -> int:
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'default')}", flush=True)
 
     sides = [s for s in ("raylign", "trl") if args.only in (None, s)]
-    runs: dict[str, list[Result]] = {s: [] for s in sides}
     raylign_dir = trainer = None
-    for r in range(args.repeat):
-        for side in sides if r % 2 == 0 else sides[::-1]:
-            if side == "raylign":
-                res, raylign_dir = run_raylign(args, data_path, workdir, f"raylign-{r}")
-            else:
-                res, trainer = run_trl(args, rows, model_dir, workdir, f"trl-{r}")
-            runs[side].append(res)
-            print(describe(res), flush=True)
-    # Outside load only ever slows a run down, so each side's fastest run is its best estimate.
-    results = [max(runs[s], key=lambda res: res.pairs_per_s) for s in sides]
-    if args.repeat > 1:
-        print(f"best of {args.repeat} runs per side:")
-        for res in results:
-            print(describe(res))
+
+    def run_side(side: str, r: int) -> Result:
+        nonlocal raylign_dir, trainer
+        if side == "raylign":
+            res, raylign_dir = run_raylign(args, data_path, workdir, f"raylign-{r}")
+        else:
+            res, trainer = run_trl(args, rows, model_dir, workdir, f"trl-{r}")
+        return res
+
+    runs, results = alternate_runs(sides, args.repeat, run_side, describe, lambda res: res.pairs_per_s)
 
     report: dict[str, Any] = {
         "settings": {k: getattr(args, k) for k in ("steps", "batch_size", "seq_len", "pairs", "lr", "beta",
@@ -368,12 +347,10 @@ def main(argv: list[str] | None = None) -> int:
     if len(results) == 2:
         ours, peer = results
         ratio = ours.pairs_per_s / peer.pairs_per_s
-        (l1, s1), (l2, s2) = ours.final_loss(), peer.final_loss()
+        l1, l2 = ours.final_loss()[0], peer.final_loss()[0]
         # Batch-to-batch spread of the loss is the noise: the two sides see the same pairs in a
-        # different order, so the curves differ step by step and only their endpoints are compared.
-        k = min(LAST_K, len(ours.losses))
-        noise = 2 * math.sqrt((s1**2 + s2**2) / k) + 0.01
-        agree = abs(l1 - l2) <= noise
+        # different order, so only the curves' endpoints are compared.
+        k, noise, agree = endpoints_agree(ours.losses, peer.losses)
         report["ratio_raylign_over_trl"] = ratio
         medians = [statistics.median(x.pairs_per_s for x in runs[s]) for s in sides]
         report["ratio_of_medians"] = medians[0] / medians[1]

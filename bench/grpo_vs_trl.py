@@ -52,7 +52,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import statistics
 import sys
@@ -66,9 +65,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import alternate_runs, endpoints_agree, step_timer, tail_mean  # noqa: E402
+
 MODEL = "tiny:llama"
 PROMPTS = "builtin:everyday-prompts"
-LAST_K = 5  # final reward = mean of the last K steps
 HERE = Path(__file__).resolve().parent
 # raylign's reward actor imports the function from this file: its folder goes on the actors' PYTHONPATH.
 REWARD_SPEC = f"function:{Path(__file__).stem}:letter_reward"
@@ -153,8 +154,7 @@ class Result:
         return statistics.median(self.step_s)
 
     def final_reward(self) -> tuple[float, float]:
-        tail = self.rewards[-LAST_K:]
-        return statistics.fmean(tail), (statistics.stdev(tail) if len(tail) > 1 else 0.0)
+        return tail_mean(self.rewards)
 
 
 # ---- raylign -------------------------------------------------------------------------------------
@@ -227,24 +227,8 @@ def run_trl(args: argparse.Namespace, prompts: list[str], order: list[int], mode
             name: str) -> Result:
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
     from trl import GRPOConfig, GRPOTrainer
-
-    class StepTimer(TrainerCallback):
-        def __init__(self):
-            self.begin: list[float] = []
-            self.end: list[float] = []
-            self.rewards: list[float] = []
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.begin.append(time.perf_counter())
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.end.append(time.perf_counter())
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "reward" in logs:
-                self.rewards.append(float(logs["reward"]))
 
     class TimedGRPOTrainer(GRPOTrainer):
         """GRPOTrainer with two timers around its own methods (behaviour unchanged)."""
@@ -292,21 +276,21 @@ def run_trl(args: argparse.Namespace, prompts: list[str], order: list[int], mode
     # costs time when memory is not the limit.
     fields = {f.name for f in dataclasses.fields(GRPOConfig)}
     settings["activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"] = False
-    timer = StepTimer()
+    timer = step_timer("reward")
     trainer = TimedGRPOTrainer(model=model, reward_funcs=[letter_reward], args=GRPOConfig(**settings),
                                train_dataset=dataset, processing_class=tokenizer, callbacks=[timer])
     trainer.remove_callback(PrinterCallback)  # no per-step dict printing; raylign prints none either
     trainer.train()
     total = time.perf_counter() - start
-    if len(timer.begin) != args.steps or len(timer.rewards) != args.steps:
-        raise RuntimeError(f"TRL ran {len(timer.begin)} steps and logged {len(timer.rewards)} rewards, "
+    if len(timer.begin) != args.steps or len(timer.values) != args.steps:
+        raise RuntimeError(f"TRL ran {len(timer.begin)} steps and logged {len(timer.values)} rewards, "
                            f"expected {args.steps}")
     window = timer.end[-1] - timer.begin[0]
     step_s = [e - b for b, e in zip(timer.begin, timer.end, strict=True)]
     sec = TimedGRPOTrainer.seconds
     split = {"generate": sec["generate"], "score+ref": sec["generate+score+ref"] - sec["generate"],
              "train": sum(step_s) - sec["generate+score+ref"]}
-    return Result("TRL", args.steps, args.steps * per_step, window, step_s, timer.rewards, split, total - window)
+    return Result("TRL", args.steps, args.steps * per_step, window, step_s, timer.values, split, total - window)
 
 
 # ---- main ----------------------------------------------------------------------------------------
@@ -377,7 +361,6 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     # raylign's reward actor imports `letter_reward` from this file, wherever the script is run from.
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))
-    sys.path.insert(0, str(HERE))
     from raylign.models import pull_model
 
     load_at_start = os.getloadavg()[0]
@@ -403,21 +386,13 @@ def main(argv: list[str] | None = None) -> int:
           + (f" ({mismatched} of {len(prompts)} differ)" if mismatched else ""), flush=True)
 
     sides = [s for s in ("raylign", "trl") if args.only in (None, s)]
-    runs: dict[str, list[Result]] = {s: [] for s in sides}
-    for r in range(args.repeat):
-        for side in sides if r % 2 == 0 else sides[::-1]:
-            if side == "raylign":
-                res = run_raylign(args, data_path, model_dir, workdir, f"raylign-{r}")
-            else:
-                res = run_trl(args, prompts, order, model_dir, workdir, f"trl-{r}")
-            runs[side].append(res)
-            print(describe(res), flush=True)
-    # Outside load only ever slows a run down, so each side's fastest run is its best estimate.
-    results = [max(runs[s], key=lambda res: res.samples_per_s) for s in sides]
-    if args.repeat > 1:
-        print(f"best of {args.repeat} runs per side:")
-        for res in results:
-            print(describe(res))
+
+    def run_side(side: str, r: int) -> Result:
+        if side == "raylign":
+            return run_raylign(args, data_path, model_dir, workdir, f"raylign-{r}")
+        return run_trl(args, prompts, order, model_dir, workdir, f"trl-{r}")
+
+    runs, results = alternate_runs(sides, args.repeat, run_side, describe, lambda res: res.samples_per_s)
     print("reward mean per step (same prompts at every step on both sides):")
     print(reward_table(results, max(1, args.steps // 10)))
 
@@ -438,12 +413,10 @@ def main(argv: list[str] | None = None) -> int:
     if len(results) == 2:
         ours, peer = results
         ratio = ours.samples_per_s / peer.samples_per_s
-        (r1, s1), (r2, s2) = ours.final_reward(), peer.final_reward()
+        r1, r2 = ours.final_reward()[0], peer.final_reward()[0]
         # The step-to-step spread of the reward is the noise: the two sides sample with different random
         # streams, so only the curves' endpoints are compared.
-        k = min(LAST_K, len(ours.rewards))
-        noise = 2 * math.sqrt((s1**2 + s2**2) / k) + 0.01
-        agree = abs(r1 - r2) <= noise
+        k, noise, agree = endpoints_agree(ours.rewards, peer.rewards)
         medians = [statistics.median(x.samples_per_s for x in runs[s]) for s in sides]
         report["ratio_raylign_over_trl"] = ratio
         report["ratio_of_medians"] = medians[0] / medians[1]
