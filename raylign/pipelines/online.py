@@ -37,7 +37,7 @@ from raylign.algorithms.advantages import (
 )
 from raylign.algorithms.kl import AdaptiveKLController, FixedKLController, kl_estimate
 from raylign.config import ConfigError, RunConfig
-from raylign.pipelines.offline import RunResult, step_indices
+from raylign.pipelines.offline import RunResult, _add, step_indices
 from raylign.pipelines.run_dir import RunDir
 from raylign.workers.group import WorkerGroup, init_ray, shard_batch
 from raylign.workers.learner import LearnerWorker
@@ -240,19 +240,20 @@ class OnlineRun:
                 group.shutdown()
 
 
-def _combine_ranks(parts: list[dict[str, float]]) -> dict[str, float]:
-    """Sum the ranks' metric sums; grad norm and lr are the same on every rank (DDP): take rank 0's."""
-    out = _sum_dicts([{k: v for k, v in p.items() if k not in ("grad_norm", "lr")} for p in parts])
-    out["grad_norm"], out["lr"] = parts[0]["grad_norm"], parts[0]["lr"]
-    return out
+PER_RANK_SAME = ("grad_norm", "lr")  # equal on every DDP rank: taken once, never summed
 
 
-def _sum_dicts(parts: list[dict[str, float]]) -> dict[str, float]:
+def _sum_metrics(parts: list[dict[str, float]]) -> dict[str, float]:
+    """Sum metric sums over ranks or minibatches, leaving out the PER_RANK_SAME values."""
     out: dict[str, float] = {}
     for part in parts:
-        for k, v in part.items():
-            out[k] = out.get(k, 0.0) + v
+        _add(out, {k: v for k, v in part.items() if k not in PER_RANK_SAME})
     return out
+
+
+def _combine_ranks(parts: list[dict[str, float]]) -> dict[str, float]:
+    """Sum the ranks' metric sums; grad norm and lr are the same on every rank (DDP): take rank 0's."""
+    return _sum_metrics(parts) | {k: parts[0][k] for k in PER_RANK_SAME}
 
 
 def check_online_config(config: RunConfig, n_prompts: int) -> None:
@@ -477,7 +478,7 @@ def _rl_step(state: OnlineRun, config: RunConfig, run: RunDir, train: list[Any],
 def _step_metrics(batch, scores, rollouts, policy_sums, critic_sums) -> dict[str, float]:
     total = scores["total"]
     lengths = batch["loss_mask"].sum(-1)
-    p = _sum_dicts([{k: v for k, v in s.items() if k not in ("grad_norm", "lr")} for s in policy_sums])
+    p = _sum_metrics(policy_sums)
     tokens = max(p["tokens"], 1.0)
     metrics = {
         "reward/mean": float(total.mean()), "reward/std": float(total.std()),
@@ -493,7 +494,7 @@ def _step_metrics(batch, scores, rollouts, policy_sums, critic_sums) -> dict[str
         "rollout/logp_gap": p["logp_gap_sum"] / tokens,
     }
     if critic_sums:
-        c = _sum_dicts([{k: v for k, v in s.items() if k not in ("grad_norm", "lr")} for s in critic_sums])
+        c = _sum_metrics(critic_sums)
         metrics["critic/value_loss"] = c["value_loss_sum"] / max(c["units"], 1.0)
         metrics["critic/clip_fraction"] = c["value_clip_fraction_sum"] / max(c["tokens"], 1.0)
     return metrics
