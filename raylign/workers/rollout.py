@@ -15,16 +15,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import DynamicCache
+from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 from raylign.config import ModelConfig, RolloutConfig
 from raylign.models.lora import is_lora_weight, lora_merge_deltas, plain_param_name, uses_conv1d
 from raylign.workers.group import cpu_threads, quiet_libraries
-
-# Generation settings that would change the logits before the log-prob recorder sees them (they run
-# ahead of custom processors); set neutral so a model's own generation_config cannot slip them in.
-_NEUTRAL_PROCESSORS = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_length": 0,
-                       "min_new_tokens": 0}
 
 
 def chunk_seed(seed: int, chunk: int) -> int:
@@ -32,39 +28,57 @@ def chunk_seed(seed: int, chunk: int) -> int:
     return int(np.random.SeedSequence([seed, chunk]).generate_state(1)[0] >> 1)
 
 
-class SampledLogprobs(LogitsProcessor):
-    """Records log π(y_t) = log_softmax(logits_t / T)[y_t] of every generated token.
+@torch.no_grad()
+def sample_batch(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_samples: int,
+                 cfg: RolloutConfig, eos_ids: np.ndarray, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample `n_samples` continuations of each left-padded prompt row: (tokens, logprobs), [rows·n, L].
 
-    A custom logits processor runs before transformers' temperature/top-k/top-p warpers, so it sees
-    the raw logits: the recorded values are those of the untruncated temperature-scaled distribution,
-    which is what the learner recomputes. The token of step t is only known at step t+1 (it is then
-    the last column of `input_ids`), so only one step's [rows, V] log-softmax is kept at a time.
+    A plain KV-cache decode loop instead of `model.generate`: each prompt is prefilled once and its
+    cache repeated n times, and a step is one forward call plus sampling, without generate's per-token
+    machinery (which costs more than the forward pass of a small model on a CPU). logprobs are
+    log_softmax(logits / T)[y_t] of the untruncated temperature-scaled distribution (T = 1 when greedy),
+    what the learner recomputes; top-k and top-p (transformers' own warpers) only shape the sampling.
+    Rows that emitted an EOS continue with `pad_id`; the loop stops when every row has, or at L.
     """
-
-    def __init__(self, temperature: float):
-        self.temperature = temperature
-        self.pending: torch.Tensor | None = None  # log-probs of the step whose token is not yet known
-        self.columns: list[torch.Tensor] = []
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if self.pending is not None:
-            self._record(input_ids[:, -1])
-        self.pending = torch.log_softmax(scores.float() / self.temperature, dim=-1)
-        return scores
-
-    def _record(self, tokens: torch.Tensor) -> None:
-        self.columns.append(self.pending.gather(1, tokens[:, None]).squeeze(1))
-        self.pending = None
-
-    def finish(self, sequences: torch.Tensor, generated: int) -> torch.Tensor:
-        """[rows, generated] log-probs, after `generate` returned `sequences` with `generated` new tokens."""
-        if self.pending is not None:
-            self._record(sequences[:, -1])
-        if len(self.columns) != generated:
-            raise RuntimeError(f"recorded {len(self.columns)} log-prob steps for {generated} generated tokens")
-        if not self.columns:
-            return torch.zeros(len(sequences), 0)
-        return torch.stack(self.columns, dim=1)
+    greedy = cfg.temperature == 0
+    temperature = 1.0 if greedy else cfg.temperature
+    warpers = []
+    if not greedy and cfg.top_k > 0:
+        warpers.append(TopKLogitsWarper(cfg.top_k))
+    if not greedy and cfg.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(cfg.top_p))
+    # Left padding: a real token's position is the number of real tokens before it.
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache(config=model.config)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                   cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+    cache.batch_repeat_interleave(n_samples)
+    logits = logits.repeat_interleave(n_samples, dim=0)
+    attention_mask = attention_mask.repeat_interleave(n_samples, dim=0)
+    position = attention_mask.sum(-1, keepdim=True)
+    eos = torch.as_tensor(eos_ids)
+    done = torch.zeros(len(logits), dtype=torch.bool)
+    tokens, logprobs = [], []
+    for step in range(cfg.max_new_tokens):
+        scores = logits.float() / temperature
+        logp = torch.log_softmax(scores, dim=-1)
+        if greedy:
+            token = scores.argmax(-1, keepdim=True)
+        else:
+            for warp in warpers:
+                scores = warp(None, scores)
+            token = torch.multinomial(torch.softmax(scores, dim=-1), 1)
+        token = token.masked_fill(done[:, None], pad_id)
+        tokens.append(token)
+        logprobs.append(logp.gather(1, token))
+        done |= torch.isin(token[:, 0], eos)
+        if done.all() or step == cfg.max_new_tokens - 1:
+            break
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(token), 1)], dim=1)
+        logits = model(input_ids=token, attention_mask=attention_mask, position_ids=position,
+                       cache=cache, use_cache=True).logits[:, -1]
+        position = position + 1
+    return torch.cat(tokens, dim=1), torch.cat(logprobs, dim=1)
 
 
 def cut_at_eos(tokens: np.ndarray, eos_ids: np.ndarray) -> tuple[int, bool]:
@@ -204,35 +218,19 @@ class RolloutWorker:
         }
 
     def _generate_chunk(self, prompts: list[Any], cfg: RolloutConfig) -> dict[str, list]:
-        """One batched `model.generate` (KV cache, left padding) over `prompts` x `n_samples`."""
+        """One batched decode (KV cache, left padding) over `prompts` x `n_samples`."""
         from raylign.data import format_prompt
 
         texts = [format_prompt(p, self.tokenizer, self.apply_chat_template) for p in prompts]
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        # Each prompt repeated n times here rather than by num_return_sequences, which greedy refuses.
-        expanded = {k: v.repeat_interleave(cfg.n_samples, dim=0) for k, v in enc.items()}
-        do_sample = cfg.temperature > 0
-        recorder = SampledLogprobs(cfg.temperature if do_sample else 1.0)
-        sequences = self.model.generate(
-            **expanded,
-            max_new_tokens=cfg.max_new_tokens,
-            do_sample=do_sample,
-            temperature=cfg.temperature if do_sample else None,
-            top_p=cfg.top_p if do_sample else None,
-            top_k=cfg.top_k if do_sample else None,
-            eos_token_id=self.eos_ids.tolist(),
-            pad_token_id=self.tokenizer.pad_token_id,
-            logits_processor=LogitsProcessorList([recorder]),
-            **_NEUTRAL_PROCESSORS,
-        )
-        width = enc["input_ids"].shape[1]
-        logprobs = recorder.finish(sequences, sequences.shape[1] - width).numpy()
-        responses = sequences[:, width:].numpy()
+        responses, logprobs = sample_batch(self.model, enc["input_ids"], enc["attention_mask"], cfg.n_samples,
+                                           cfg, self.eos_ids, self.tokenizer.pad_token_id)
+        responses, logprobs = responses.numpy(), logprobs.numpy()
         prompt_ids = [ids[mask.bool()].numpy() for ids, mask in zip(enc["input_ids"], enc["attention_mask"],
                                                                      strict=True)]
         rows: dict[str, list] = {"prompt_ids": [], "response_ids": [], "logprobs": [], "finished": []}
         for i, response in enumerate(responses):
-            # After EOS generate pads finished rows; those columns are not part of the response.
+            # After its EOS a row is padded; those columns are not part of the response.
             length, finished = cut_at_eos(response, self.eos_ids)
             rows["prompt_ids"].append(prompt_ids[i // cfg.n_samples])
             rows["response_ids"].append(response[:length].astype(np.int64))

@@ -149,6 +149,20 @@ def test_greedy_logprobs_are_of_the_unscaled_distribution(peft_model):
     np.testing.assert_allclose(out["logprobs"][0], logp.max(-1).values.numpy(), atol=1e-4, rtol=0)
 
 
+def test_top_k_one_samples_the_greedy_tokens_and_padding_does_not_change_a_row():
+    """top-k = 1 leaves only the argmax to sample; a short prompt batched beside a long one (so left
+    padded, prefilled once, its KV cache repeated n times) continues exactly as it does alone."""
+    w = worker()
+    greedy = SAMPLING | {"temperature": 0.0, "n_samples": 2, "batch_size": 3}
+    sampled = w.generate(PROMPTS, SAMPLING | {"top_k": 1, "top_p": 1.0, "batch_size": 3}, seed=5)
+    reference = w.generate(PROMPTS, greedy, seed=0)
+    for row in range(len(sampled["response_ids"])):
+        np.testing.assert_array_equal(sampled["response_ids"][row], reference["response_ids"][2 * (row // 3)])
+    alone = w.generate(PROMPTS[1:2], greedy, seed=0)  # "Hi": the shortest prompt, padded above
+    np.testing.assert_array_equal(alone["response_ids"][0], reference["response_ids"][2])
+    np.testing.assert_allclose(alone["logprobs"][0], reference["logprobs"][2], atol=1e-5, rtol=0)
+
+
 def test_weights_come_from_pristine_base_whatever_was_loaded_before(peft_model):
     fresh, base = worker(), worker()
     used = worker()
