@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from rich.console import Console
 
 from raylign.config import ConfigError, RunConfig
@@ -11,13 +14,15 @@ from raylign.pipelines.online import ONLINE_ALGORITHMS, run_online
 PIPELINES = dict.fromkeys(OFFLINE_ALGORITHMS, run_offline) | dict.fromkeys(ONLINE_ALGORITHMS, run_online)
 
 
-def run_pipeline(config: RunConfig, resume: bool = False, console: Console | None = None) -> RunResult:
+def run_pipeline(config: RunConfig, resume: bool = False, console: Console | None = None,
+                 on_step: Callable[[int, dict[str, Any]], None] | None = None) -> RunResult:
+    """Run the loop for `config.algorithm`; `on_step(step, metrics)` is called after each logged step."""
     runner = PIPELINES.get(config.algorithm)
     if runner is None:
         raise ConfigError(
             f"algorithm '{config.algorithm}' is not available; available: {', '.join(sorted(PIPELINES))}"
         )
-    return runner(config, resume=resume, console=console)
+    return runner(config, resume=resume, console=console, on_step=on_step)
 
 
 __all__ = ["PIPELINES", "RunResult", "run_pipeline"]

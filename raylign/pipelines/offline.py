@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -191,7 +192,10 @@ def _attach_reference_logps(group: WorkerGroup, run: RunDir, splits: dict[str, l
     group.call("drop_reference")
 
 
-def run_offline(config: RunConfig, resume: bool = False, console: Console | None = None) -> RunResult:
+def run_offline(config: RunConfig, resume: bool = False, console: Console | None = None,
+                on_step: Callable[[int, dict[str, Any]], None] | None = None) -> RunResult:
+    """Train `config.algorithm` offline. `on_step(step, metrics)` is called after each step's metrics are
+    logged and its checkpoint (if any) is written (Ray Tune reports from it)."""
     from raylign.data import load_split
     from raylign.models import load_tokenizer
 
@@ -270,6 +274,8 @@ def run_offline(config: RunConfig, resume: bool = False, console: Console | None
             bar.set_postfix(loss=f"{metrics['train/loss']:.3f}")
             if config.output.save_every and done % config.output.save_every == 0 and done < total_steps:
                 _checkpoint(group, run, done)
+            if on_step is not None:
+                on_step(done, metrics)
         final_eval = {k: v for k, v in metrics.items() if k.startswith("eval/")}
         if val and not final_eval:
             final_eval = _evaluate(group, objective, val, pad_id, t.micro_batch_size)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -293,9 +294,11 @@ def _evaluate(state: OnlineRun, config: RunConfig, prompts: list[Any], step: int
 
 
 def run_online(config: RunConfig, resume: bool = False, console: Console | None = None,
-               eval_samples: dict[str, Any] | None = None) -> RunResult:
+               eval_samples: dict[str, Any] | None = None,
+               on_step: Callable[[int, dict[str, Any]], None] | None = None) -> RunResult:
     """The loop of the module docstring. `eval_samples`, when given, receives the held-out generations
-    before and after training (the quickstart shows them)."""
+    before and after training (the quickstart shows them). `on_step(step, metrics)` is called after each
+    step's metrics are logged and its checkpoint (if any) is written (Ray Tune reports from it)."""
     from raylign.data import format_prompt, load_split
     from raylign.models import load_tokenizer
     from raylign.rewards import check_reward_specs
@@ -386,6 +389,8 @@ def run_online(config: RunConfig, resume: bool = False, console: Console | None 
                 if pending is not None:
                     pending = state.collect(pending)
                 _checkpoint(state, run, done, kl_ctl, pending)
+            if on_step is not None:
+                on_step(done, metrics)
         after: dict[str, float] = {}
         if held_out:
             console.print(f"scoring the trained policy on {len(held_out)} held-out prompts x {EVAL_SAMPLES}")
