@@ -108,6 +108,27 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
     run_quickstart(args.overrides, console=console)
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from raylign.serving.launch import serve_forever
+    from raylign.serving.settings import api_key_policy, settings_from
+
+    key, required = api_key_policy(args.host, args.api_key, args.no_api_key)
+    autoscale = args.min_replicas is not None or args.max_replicas is not None
+    settings = settings_from({
+        "model": args.model, "served_model_name": args.served_model_name, "reward_model": args.reward_model,
+        "dtype": args.dtype, "trust_remote_code": args.trust_remote_code, "merge_lora": not args.no_merge_lora,
+        "max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms,
+        "max_tokens_limit": args.max_tokens_limit, "default_max_tokens": args.default_max_tokens,
+        "request_timeout_s": args.timeout, "api_key": key, "require_api_key": required,
+        "num_cpus": args.cpus_per_replica, "num_gpus": args.gpus_per_replica, "num_replicas": args.replicas,
+        "min_replicas": (args.min_replicas if args.min_replicas is not None else 1) if autoscale else None,
+        "max_replicas": (args.max_replicas if args.max_replicas is not None else args.replicas) if autoscale else None,
+        "max_ongoing_requests": args.max_ongoing_requests,
+    })
+    serve_forever(settings, host=args.host, port=args.port, ray_address=args.ray_address,
+                  echo=lambda line: console.print(line, markup=False, highlight=False))
+
+
 # ---- parser --------------------------------------------------------------------------------------
 
 
@@ -146,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="model whose tokenizer measures lengths in tokens")
     p.set_defaults(func=cmd_data)
     _add_annotate_parser(data_sub)
+    _add_serve_parser(sub)
     return parser
 
 
@@ -176,6 +198,40 @@ def _add_annotate_parser(data_sub: argparse._SubParsersAction) -> None:
                    help="keep only pairs whose annotator scores differ by at least this (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_data_annotate)
+
+
+def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve", help="serve a model over HTTP with Ray Serve (OpenAI-compatible, batched, streaming)",
+        description="Serve MODEL (a run's final/ dir, a local HF dir, an HF id, builtin:<name>, tiny:<arch>) at "
+        "/v1/completions, /v1/chat/completions (stream: true for server-sent events), /v1/models, /v1/score "
+        "(with --reward-model) and /health, on Ray Serve replicas that batch concurrent requests. Runs until "
+        "Ctrl-C. Off 127.0.0.1 an API key is required (--api-key or $RAYLIGN_API_KEY) unless --no-api-key.",
+    )
+    p.add_argument("model", help="model to serve: runs/<name>/final, a local dir, HF id, builtin:/tiny:")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 = all)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    p.add_argument("--served-model-name", help="the model name clients send (default: MODEL as given)")
+    p.add_argument("--reward-model", help="reward source for /v1/score: a reward model dir, discriminator, "
+                   "lexicon:vader, module:function, ...")
+    p.add_argument("--replicas", type=int, default=1, help="replicas (default 1)")
+    p.add_argument("--min-replicas", type=int, help="autoscale: fewest replicas (with --max-replicas)")
+    p.add_argument("--max-replicas", type=int, help="autoscale: most replicas")
+    p.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs per replica = its torch threads (default 1)")
+    p.add_argument("--gpus-per-replica", type=float, default=0.0, help="GPUs per replica (default 0)")
+    p.add_argument("--max-batch-size", type=int, default=32, help="rows (prompts x n) per forward pass (default 32)")
+    p.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a batch waits to fill (default 10)")
+    p.add_argument("--max-ongoing-requests", type=int, help="requests per replica (default 2 x max batch size)")
+    p.add_argument("--max-tokens-limit", type=int, default=512, help="largest max_tokens a request may ask (default 512)")
+    p.add_argument("--default-max-tokens", type=int, default=256, help="chat max_tokens when a request gives none")
+    p.add_argument("--timeout", type=float, default=120.0, help="per-request timeout in seconds (default 120)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $RAYLIGN_API_KEY if set)")
+    p.add_argument("--no-api-key", action="store_true", help="serve without auth even on a non-local --host")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--trust-remote-code", action="store_true", help="run the model repo's own code (off by default)")
+    p.add_argument("--no-merge-lora", action="store_true", help="apply a LoRA adapter at run time instead of merging it")
+    p.add_argument("--ray-address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
+    p.set_defaults(func=cmd_serve)
 
 
 def main(argv: list[str] | None = None) -> int:

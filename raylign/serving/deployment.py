@@ -1,0 +1,153 @@
+"""The Ray Serve deployment: one replica = one `Engine` (+ an optional reward source) behind the FastAPI
+app of `api.py`, with `@serve.batch` grouping concurrent requests into shared forward passes.
+
+    build_app(ServeSettings(model="runs/quickstart/final"))   # -> a Serve Application for serve.run
+    app_builder({"model": ..., ...})                          # the same, for `serve run`/`serve deploy`
+                                                              # with a config YAML (cluster/serve.yaml)
+
+Batching: `_generate_batch` is a streaming `@serve.batch` handler whose batch size is counted in rows
+(prompts x n), up to `max_batch_size`, waiting at most `batch_wait_ms` for a batch to fill. Each batch
+is one `Engine.generate` call in a worker thread, so the replica's event loop keeps accepting (and
+batching) requests meanwhile; every batch logs one `raylign batch: requests=.. rows=..` line to the
+replica's Serve log. `/v1/score` batches the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+
+from raylign.serving.batching import log_batch, stream_batch
+from raylign.serving.engine import Job, RowUpdate
+from raylign.serving.settings import ServeSettings
+
+DEPLOYMENT_NAME = "raylign"
+APP_NAME = "raylign"
+logger = logging.getLogger("ray.serve")  # Serve writes this logger to the replica's log file
+
+
+def _rows(jobs: list[Job]) -> int:
+    return sum(job.rows for job in jobs)
+
+
+def _pairs(batches: list[tuple[list[Any], list[str]]]) -> int:
+    return sum(len(completions) for _, completions in batches)
+
+
+@serve.deployment(name=DEPLOYMENT_NAME)
+@serve.ingress()
+class RaylignServer:
+    """A replica: loads the policy (and reward source), builds the HTTP app at start."""
+
+    def __init__(self, settings: dict[str, Any]):
+        import torch
+
+        from raylign.serving.engine import Engine
+        from raylign.workers.group import cpu_threads, quiet_libraries
+
+        self.settings = ServeSettings.model_validate(settings)
+        torch.set_num_threads(cpu_threads(self.settings.num_cpus))
+        quiet_libraries()
+        self.settings.resolved_api_key()  # fail at start, not at the first request, if a key is missing
+        device = "cuda" if self.settings.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        self.engine = Engine(self.settings.model, dtype=self.settings.dtype,
+                             trust_remote_code=self.settings.trust_remote_code,
+                             merge_lora=self.settings.merge_lora, device=device)
+        self.scorer = None
+        self.reward_name = None
+        if self.settings.reward_model:
+            from raylign.rewards import build_reward_source
+
+            self.scorer = build_reward_source(self.settings.reward_model, device=device,
+                                              trust_remote_code=self.settings.trust_remote_code)
+            self.reward_name = self.settings.reward_name
+        # One thread each: generation batches run one at a time, scoring beside them.
+        self.generation_thread = ThreadPoolExecutor(1, thread_name_prefix="raylign-generate")
+        self.scoring_thread = ThreadPoolExecutor(1, thread_name_prefix="raylign-score")
+        wait_s = self.settings.batch_wait_ms / 1000
+        for method in (self._generate_batch, self._score_batch):
+            method.set_max_batch_size(self.settings.max_batch_size)
+            method.set_batch_wait_timeout_s(wait_s)
+        self._log_batch = log_batch(logger)
+        logger.info("raylign: serving %s (context %d tokens, max batch %d rows, wait %g ms)", self.settings.name,
+                    self.engine.context_length, self.settings.max_batch_size, self.settings.batch_wait_ms)
+
+    def __serve_build_asgi_app__(self) -> Any:
+        from raylign.serving.api import create_api
+
+        return create_api(self.settings, self)
+
+    # ---- the backend the routes call ------------------------------------------------------------
+    def generate(self, job: Job) -> AsyncIterator[list[RowUpdate]]:
+        return self._generate_batch(job)
+
+    async def score(self, prompts: list[Any], completions: list[str]) -> list[float]:
+        return await self._score_batch((prompts, completions))
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, batch_size_fn=_rows)
+    async def _generate_batch(self, jobs: list[Job]) -> AsyncIterator[list[Any]]:
+        async for out in stream_batch(self.engine, jobs, self.generation_thread, self._log_batch):
+            yield out
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, batch_size_fn=_pairs)
+    async def _score_batch(self, batches: list[tuple[list[Any], list[str]]]) -> list[list[float]]:
+        prompts = [p for ps, _ in batches for p in ps]
+        completions = [c for _, cs in batches for c in cs]
+        loop = asyncio.get_running_loop()
+        scores = await loop.run_in_executor(self.scoring_thread, self.scorer.score, prompts, completions)
+        out, start = [], 0
+        for _, cs in batches:
+            out.append([float(s) for s in scores[start : start + len(cs)]])
+            start += len(cs)
+        return out
+
+
+def deployment_options(settings: ServeSettings) -> dict[str, Any]:
+    """Serve options of the deployment: replicas or autoscaling, CPUs/GPUs per replica, queue depth."""
+    options: dict[str, Any] = {
+        "ray_actor_options": {"num_cpus": settings.num_cpus, "num_gpus": settings.num_gpus},
+        "max_ongoing_requests": settings.ongoing_requests(),
+    }
+    if settings.min_replicas is not None:
+        options["autoscaling_config"] = {"min_replicas": settings.min_replicas,
+                                         "max_replicas": settings.max_replicas,
+                                         "target_ongoing_requests": settings.max_batch_size}
+    else:
+        options["num_replicas"] = settings.num_replicas
+    if settings.logs_dir:
+        options["logging_config"] = {"logs_dir": settings.logs_dir}
+    return options
+
+
+def build_app(settings: ServeSettings) -> serve.Application:
+    """The Serve application for `settings` (pass it to `serve.run`)."""
+    settings = _absolute_paths(settings)
+    return RaylignServer.options(**deployment_options(settings)).bind(settings.model_dump())
+
+
+def app_builder(args: dict[str, Any]) -> serve.Application:
+    """Entry point for Serve config files: `import_path: raylign.serving:app_builder`, `args:` the
+    `ServeSettings` fields. Such a deployment is meant for a cluster, so it needs an API key
+    (`api_key`, or `api_key_env` naming an environment variable of the replicas) unless the args
+    say `require_api_key: false`."""
+    return build_app(ServeSettings.model_validate({"require_api_key": True, **args}))
+
+
+def _absolute_paths(settings: ServeSettings) -> ServeSettings:
+    """Local model paths made absolute, since replicas do not run in the caller's directory."""
+    update = {}
+    for key in ("model", "reward_model"):
+        value = getattr(settings, key)
+        if value and Path(value).expanduser().exists():
+            update[key] = str(Path(value).expanduser().resolve())
+    if "model" in update and settings.served_model_name is None:
+        update["served_model_name"] = settings.model
+    if "reward_model" in update and settings.served_reward_name is None:
+        update["served_reward_name"] = settings.reward_model
+    return settings.model_copy(update=update)
