@@ -9,6 +9,7 @@ type, missing file) becomes one `ConfigError` naming the key, the expected type 
 from __future__ import annotations
 
 import difflib
+import re
 import types
 import typing
 from importlib import resources
@@ -150,6 +151,70 @@ class PreferenceConfig(Section):
     use_margin: bool = Field(False, description="reward models: use the data's `margin` column")
 
 
+_GATE = re.compile(r"^\s*([A-Za-z_][\w/]*)\s*(>=|<=|>|<)\s*([-+0-9.eE]+)\s*$")
+
+
+class TaskConfig(Section):
+    """One task of a multi-task run (`multitask.tasks.<name>`): its data, loss, weight and priority."""
+
+    type: Literal["imitation", "preference", "rating"]
+    data: DataConfig
+    weight: float = Field(1.0, ge=0.0, description="static λ_i (multiplies learned uncertainty/GradNorm weights)")
+    ratio: float = Field(1.0, gt=0.0, description="share of train.batch_size drawn from this task each step")
+    loss: Literal["dpo", "ipo", "hinge", "simpo", "orpo"] = Field("dpo", description="preference tasks")
+    head: Literal["regression", "classification"] = Field("regression", description="rating tasks")
+    num_classes: int | None = Field(None, ge=2, description="rating classification: ratings are 0..K-1")
+    priority: int = Field(0, ge=0, description="0 = highest; a task trains only while higher ones meet their gate")
+    gate: str | None = Field(None, description="condition on this task's smoothed train metric that lets lower-"
+                             "priority tasks train, e.g. 'accuracy >= 0.8' or 'loss < 2.5'")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_kind(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("data"), dict) and "kind" not in data["data"]:
+            kind = {"imitation": "text", "preference": "pairs", "rating": "ratings"}.get(data.get("type"))
+            if kind:
+                data = {**data, "data": {**data["data"], "kind": kind}}
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> TaskConfig:
+        kinds = {"imitation": ("text", "pairs", "unpaired"), "preference": ("pairs",), "rating": ("ratings",)}
+        if self.data.kind not in kinds[self.type]:
+            raise ValueError(f"a {self.type} task trains on data.kind {' or '.join(kinds[self.type])}, "
+                             f"not '{self.data.kind}'")
+        if self.gate is not None and not _GATE.match(self.gate):
+            raise ValueError(f"gate '{self.gate}' must look like 'accuracy >= 0.8' or 'loss < 2.5'")
+        if self.head == "classification" and self.num_classes is None:
+            raise ValueError("a classification rating head needs num_classes")
+        return self
+
+    def gate_parts(self) -> tuple[str, str, float] | None:
+        """('accuracy', '>=', 0.8) for gate 'accuracy >= 0.8'."""
+        if self.gate is None:
+            return None
+        metric, op, value = _GATE.match(self.gate).groups()
+        return metric, op, float(value)
+
+
+class MultitaskConfig(Section):
+    """Multi-task learning on one shared backbone: L = Σ λ_i L_i (see algorithms/task_weighting.py)."""
+
+    weighting: Literal["static", "uncertainty", "gradnorm", "pcgrad"] = "static"
+    gradnorm_alpha: float = Field(1.5, ge=0.0)
+    weighting_lr: float = Field(0.025, gt=0.0, description="step size of learned weights (uncertainty, GradNorm)")
+    gate_smoothing: float = Field(0.8, ge=0.0, lt=1.0, description="EMA of the train metrics that gates use")
+    tasks: dict[str, TaskConfig] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_removed(cls, data: Any) -> Any:
+        """`multitask.tasks.rating=null` removes a task that the recipe lists."""
+        if isinstance(data, dict) and isinstance(data.get("tasks"), dict):
+            data = {**data, "tasks": {k: v for k, v in data["tasks"].items() if v is not None}}
+        return data
+
+
 class ResourcesConfig(Section):
     """How many actors of each kind, and what each gets; fractional CPUs let 2 cores host many."""
 
@@ -194,6 +259,7 @@ class RunConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
     rl: RLConfig = Field(default_factory=RLConfig)
+    multitask: MultitaskConfig = Field(default_factory=MultitaskConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
@@ -277,8 +343,12 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 def _model_at(path: tuple[Any, ...]) -> type[BaseModel] | None:
     """The pydantic section class at a location like ('model', 'lora')."""
     model: type[BaseModel] = RunConfig
+    key_next = False  # the part after a dict-of-sections field is a key (e.g. multitask.tasks.<name>)
     for part in path:
         if isinstance(part, int):
+            continue
+        if key_next:
+            key_next = False
             continue
         field = model.model_fields.get(str(part))
         if field is None:
@@ -286,6 +356,7 @@ def _model_at(path: tuple[Any, ...]) -> type[BaseModel] | None:
         sub = _section_type(field.annotation)
         if sub is None:
             return None
+        key_next = typing.get_origin(field.annotation) is dict
         model = sub
     return model
 
