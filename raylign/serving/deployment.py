@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import ray
 from ray import serve
 
 from raylign.serving.batching import log_batch, stream_batch
@@ -52,10 +53,12 @@ class RaylignServer:
         from raylign.workers.group import cpu_threads, quiet_libraries
 
         self.settings = ServeSettings.model_validate(settings)
-        torch.set_num_threads(cpu_threads(self.settings.num_cpus))
+        # What Ray gave this replica, which a Serve config's ray_actor_options may have changed.
+        assigned = ray.get_runtime_context().get_assigned_resources()
+        torch.set_num_threads(cpu_threads(assigned.get("CPU", self.settings.num_cpus)))
         quiet_libraries()
         self.settings.resolved_api_key()  # fail at start, not at the first request, if a key is missing
-        device = "cuda" if self.settings.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        device = "cuda" if assigned.get("GPU", 0) > 0 and torch.cuda.is_available() else "cpu"
         self.engine = Engine(self.settings.model, dtype=self.settings.dtype,
                              trust_remote_code=self.settings.trust_remote_code,
                              merge_lora=self.settings.merge_lora, device=device)

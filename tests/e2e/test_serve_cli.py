@@ -1,0 +1,77 @@
+"""`raylign serve` as a user runs it: it starts its own Ray and Serve, prints the URL and a curl command
+that works as printed, serves until Ctrl-C, then shuts Serve and Ray down and exits 0."""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+KEY = "cli-test-key"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _read_until(proc: subprocess.Popen, marker: str, timeout_s: float) -> list[str]:
+    lines: list[str] = []
+    selector = selectors.DefaultSelector()
+    selector.register(proc.stdout, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not selector.select(timeout=1):
+            if proc.poll() is not None:
+                break
+            continue
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line.rstrip("\n"))
+        if marker in line:
+            return lines
+    raise AssertionError(f"no {marker!r} from raylign serve; output:\n" + "\n".join(lines))
+
+
+def test_raylign_serve_prints_a_working_curl_and_stops_on_ctrl_c():
+    port = _free_port()
+    env = {**os.environ, "RAYLIGN_API_KEY": KEY, "RAY_ADDRESS": ""}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "raylign.cli", "serve", "tiny:llama", "--port", str(port), "--cpus-per-replica", "0.5",
+         "--max-batch-size", "8"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )
+    try:
+        lines = _read_until(proc, "Ctrl-C to stop.", timeout_s=240)
+        text = "\n".join(lines)
+        assert f"raylign: serving tiny:llama at http://127.0.0.1:{port}/v1" in text
+        assert "requests need 'Authorization: Bearer <key>'" in text  # the key came from $RAYLIGN_API_KEY
+        (curl,) = [line.removeprefix("try:").strip() for line in lines if line.startswith("try:")]
+        assert curl.startswith("curl ") and "$RAYLIGN_API_KEY" in curl and KEY not in curl
+        answer = subprocess.run(["bash", "-c", curl + " --silent --show-error --fail-with-body"], env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert answer.returncode == 0, answer.stdout + answer.stderr
+        assert '"object":"chat.completion"' in answer.stdout and '"completion_tokens"' in answer.stdout
+        denied = subprocess.run(["bash", "-c", curl.replace(' -H "Authorization: Bearer $RAYLIGN_API_KEY"', "")
+                                 + " --silent --write-out ' %{http_code}'"], capture_output=True, text=True, timeout=60)
+        assert denied.stdout.endswith(" 401"), denied.stdout
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            rest, _ = proc.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rest, _ = proc.communicate()
+            pytest.fail("raylign serve did not stop within 90 s of Ctrl-C:\n" + rest)
+    assert proc.returncode == 0, rest
+    assert "raylign: shutting down" in rest and "raylign: stopped." in rest
+    with socket.socket() as sock:  # the proxy is gone: the port is free again
+        sock.bind(("127.0.0.1", port))
