@@ -151,6 +151,32 @@ class PreferenceConfig(Section):
     use_margin: bool = Field(False, description="reward models: use the data's `margin` column")
 
 
+class AdversarialConfig(Section):
+    """Adversarial training: a discriminator D learns human text (label 1) from policy samples (label 0)
+    and its judgement is the policy's reward (`raylign train adversarial`)."""
+
+    generator: Literal["ppo", "grpo", "rloo", "reinforce_pp"] = Field(
+        "grpo", description="the RL algorithm that updates the policy (generator) on D's reward")
+    discriminator: str = Field("builtin:minilm-l6", description="D's backbone (any reward-model spec)")
+    human_data: str | None = Field(
+        None, description="human texts ({text} rows); unset: data.kind=pairs gives the chosen answers")
+    weight: float = Field(1.0, description="weight of D's reward in the mix with reward.sources")
+    generator_reward: Literal["logit", "log_d", "minus_log_one_minus_d"] = "logit"
+    per_prefix: bool = Field(False, description="SeqGAN Monte-Carlo reward per prefix (token-level credit)")
+    mc_rollouts: int = Field(4, ge=1, description="completions per prefix when per_prefix is on")
+    lr: float = Field(5e-5, gt=0.0, description="D's AdamW learning rate")
+    d_steps: int = Field(1, ge=1, description="D updates (k_D) per generator step")
+    warmup_steps: int = Field(0, ge=0, description="D updates on the initial policy's samples before G moves")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="one-sided: human target 1 - eps")
+    gradient_penalty: float = Field(0.0, ge=0.0, description="weight of the R1 penalty on human inputs")
+    replay_size: int = Field(512, ge=0, description="earlier policy samples kept for D (0 = none)")
+    replay_fraction: float = Field(0.5, ge=0.0, le=1.0,
+                                   description="share of D's policy side drawn from the replay buffer")
+    accuracy_ceiling: float = Field(0.95, gt=0.5, le=1.0, description="pause D while its accuracy is above")
+    collapse_patience: int = Field(10, ge=1, description="warn when D accuracy is pinned this many steps")
+    max_length: int = Field(256, gt=1, description="D's max tokens per (prompt, completion)")
+
+
 _GATE = re.compile(r"^\s*([A-Za-z_][\w/]*)\s*(>=|<=|>|<)\s*([-+0-9.eE]+)\s*$")
 
 
@@ -259,6 +285,7 @@ class RunConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
     rl: RLConfig = Field(default_factory=RLConfig)
+    adversarial: AdversarialConfig = Field(default_factory=AdversarialConfig)
     multitask: MultitaskConfig = Field(default_factory=MultitaskConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)

@@ -8,12 +8,13 @@ from typing import Any
 from rich.console import Console
 
 from raylign.config import ConfigError, RunConfig
+from raylign.pipelines.adversarial import run_adversarial
 from raylign.pipelines.multitask import MULTITASK_ALGORITHMS, run_multitask
 from raylign.pipelines.offline import OFFLINE_ALGORITHMS, RunResult, run_offline
 from raylign.pipelines.online import ONLINE_ALGORITHMS, run_online
 
 PIPELINES = (dict.fromkeys(OFFLINE_ALGORITHMS, run_offline) | dict.fromkeys(ONLINE_ALGORITHMS, run_online)
-             | dict.fromkeys(MULTITASK_ALGORITHMS, run_multitask))
+             | {"adversarial": run_adversarial} | dict.fromkeys(MULTITASK_ALGORITHMS, run_multitask))
 
 
 def run_pipeline(config: RunConfig, resume: bool = False, console: Console | None = None,

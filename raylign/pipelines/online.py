@@ -36,6 +36,8 @@ from raylign.algorithms.advantages import (
     masked_whiten,
     token_rewards_with_kl,
 )
+from raylign.algorithms.adversarial import prefix_token_rewards
+from raylign.algorithms.diversity import distinct_n
 from raylign.algorithms.kl import AdaptiveKLController, FixedKLController, kl_estimate
 from raylign.config import ConfigError, RunConfig
 from raylign.pipelines.offline import RunResult, _add, step_indices
@@ -50,6 +52,11 @@ from raylign.workers.rollout import RolloutWorker
 ONLINE_ALGORITHMS = {"ppo": "gae", "grpo": "grpo", "rloo": "rloo", "reinforce_pp": "reinforce_pp"}
 EVAL_SAMPLES = 2  # completions per held-out prompt when measuring reward and KL
 ROLLOUT_RESTARTS = 3  # a crashed rollout or reward actor is restarted this often, its call retried
+
+
+def rl_algorithm(config: RunConfig) -> str:
+    """The RL algorithm that updates the policy: the run's own, or the generator's of an adversarial run."""
+    return config.adversarial.generator if config.algorithm == "adversarial" else config.algorithm
 
 
 def split_list(items: list[Any], n: int) -> list[list[Any]]:
@@ -104,12 +111,14 @@ def training_batch(rollouts: dict[str, Any], pad_id: int) -> dict[str, np.ndarra
 
 def compute_advantages(
     algorithm: str, config: RunConfig, batch: dict[str, np.ndarray], scores: np.ndarray, group_ids: np.ndarray,
-    kl_coef: float, values: np.ndarray | None = None,
+    kl_coef: float, values: np.ndarray | None = None, prefix_values: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None, dict[str, float]]:
     """-> (advantages [B, T], returns [B, T] for the critic or None, metrics).
 
     The KL penalty enters here when rl.kl_in == "reward": per token for PPO and REINFORCE++ (r_t =
     −β·KL_t, plus the score on the last token), per sequence (score − β·Σ_t KL_t) for GRPO and RLOO.
+    `prefix_values` [B, T] (per-prefix expected rewards Q_t at the response positions, SeqGAN) replace
+    the score on the last token by r_t = Q_t − Q_{t−1} on every token (PPO and REINFORCE++ only).
     """
     rl = config.rl
     mask = torch.as_tensor(batch["loss_mask"][:, 1:])
@@ -119,16 +128,23 @@ def compute_advantages(
     beta = kl_coef if rl.kl_in == "reward" else 0.0
     scores_t = torch.as_tensor(scores, dtype=torch.float32)
     returns = None
+
+    def token_rewards() -> torch.Tensor:
+        if prefix_values is None:
+            return token_rewards_with_kl(scores_t, kl, mask, beta)
+        shaped = prefix_token_rewards(torch.as_tensor(prefix_values[:, 1:], dtype=torch.float32), mask)
+        return shaped - beta * kl.detach() * mask
+
+    if prefix_values is not None and algorithm in ("grpo", "rloo"):
+        raise ConfigError(f"per-prefix rewards need a token-level algorithm (ppo, reinforce_pp), not {algorithm}")
     if algorithm in ("grpo", "rloo"):
         shaped = scores_t - beta * (kl * mask).sum(-1)
         seq_adv = group_advantages(shaped, group_ids, algorithm, scale_std=rl.scale_rewards)
         adv = seq_adv[:, None] * mask
     elif algorithm == "reinforce_pp":
-        token_rewards = token_rewards_with_kl(scores_t, kl, mask, beta)
-        adv = masked_whiten(discounted_returns(token_rewards, mask, rl.gamma), mask)
+        adv = masked_whiten(discounted_returns(token_rewards(), mask, rl.gamma), mask)
     else:  # ppo
-        token_rewards = token_rewards_with_kl(scores_t, kl, mask, beta)
-        adv, ret = gae(token_rewards, torch.as_tensor(values[:, 1:]), mask, rl.gamma, rl.lam)
+        adv, ret = gae(token_rewards(), torch.as_tensor(values[:, 1:]), mask, rl.gamma, rl.lam)
         if rl.whiten_advantages:
             adv = masked_whiten(adv, mask)
         returns = np.zeros_like(batch["old_logps"])
@@ -145,14 +161,26 @@ def compute_advantages(
 # ---- the loop ------------------------------------------------------------------------------------
 
 
+def discriminator_kwargs(config: RunConfig) -> dict[str, Any]:
+    """`Discriminator(...)` arguments (plus its weight in the reward mix) from `config.adversarial`."""
+    a = config.adversarial
+    return {"model": a.discriminator, "reward": a.generator_reward, "lr": a.lr, "weight": a.weight,
+            "label_smoothing": a.label_smoothing, "gradient_penalty": a.gradient_penalty,
+            "batch_size": config.reward.batch_size, "max_length": a.max_length,
+            "max_prompt_length": config.data.max_prompt_length,
+            "apply_chat_template": config.data.apply_chat_template, "seed": config.seed,
+            "conditioned": config.data.kind == "pairs"}  # pairs: human answers to the same prompts
+
+
 class OnlineRun:
     """The actor groups of one online-RL run and the driver-side operations on them."""
 
     def __init__(self, config: RunConfig, run: RunDir, tokenizer_pad_id: int):
         self.config = config
-        self.algorithm = config.algorithm
+        self.algorithm = rl_algorithm(config)
         self.pad_id = tokenizer_pad_id
         self.policy = self.critic = self.rollout = self.reward = None
+        self.game: Any = None  # the adversarial pipeline's second player, if any
         try:
             self._start_groups(config, run)
         except BaseException:
@@ -178,10 +206,15 @@ class OnlineRun:
             max_restarts=ROLLOUT_RESTARTS, actor_name_prefix=f"{prefix}-rollout",
             init_kwargs={"model": config.model.model_dump(), "seed": config.seed,
                          "apply_chat_template": config.data.apply_chat_template})
+        reward_kwargs: dict[str, Any] = {"reward": config.reward.model_dump(), "tokenizer": config.model.path}
+        if config.algorithm == "adversarial":
+            reward_kwargs["discriminator"] = discriminator_kwargs(config)
         self.reward = WorkerGroup(
             RewardWorker, r.reward_workers, r.cpus_per_reward_worker, name="reward",
-            max_restarts=ROLLOUT_RESTARTS, actor_name_prefix=f"{prefix}-reward",
-            init_kwargs={"reward": config.reward.model_dump(), "tokenizer": config.model.path})
+            # A restarted actor would come back with the initial discriminator: the run stops instead
+            # (and `--resume` continues from the last checkpoint, D included).
+            max_restarts=0 if config.algorithm == "adversarial" else ROLLOUT_RESTARTS,
+            actor_name_prefix=f"{prefix}-reward", init_kwargs=reward_kwargs)
 
     @property
     def learner_groups(self) -> list[WorkerGroup]:
@@ -260,10 +293,13 @@ def _combine_ranks(parts: list[dict[str, float]]) -> dict[str, float]:
 def check_online_config(config: RunConfig, n_prompts: int) -> None:
     """Everything a user can get wrong about batch shapes, before any actor starts."""
     ro, t, learners = config.rollout, config.train, config.resources.learners
-    if config.data.kind != "prompts":
-        raise ConfigError(f"{config.algorithm} samples from prompts: set data.kind=prompts (got '{config.data.kind}')")
-    if config.algorithm in ("grpo", "rloo") and ro.n_samples < 2:
-        raise ConfigError(f"{config.algorithm} compares completions of one prompt: rollout.n_samples must be >= 2")
+    algorithm = rl_algorithm(config)
+    kinds = ("prompts", "pairs") if config.algorithm == "adversarial" else ("prompts",)
+    if config.data.kind not in kinds:
+        raise ConfigError(f"{config.algorithm} samples from prompts: set data.kind={' or '.join(kinds)} "
+                          f"(got '{config.data.kind}')")
+    if algorithm in ("grpo", "rloo") and ro.n_samples < 2:
+        raise ConfigError(f"{algorithm} compares completions of one prompt: rollout.n_samples must be >= 2")
     per_step = ro.prompts_per_step * ro.n_samples
     if per_step % t.batch_size:
         raise ConfigError(
@@ -295,10 +331,15 @@ def _evaluate(state: OnlineRun, config: RunConfig, prompts: list[Any], step: int
 
 def run_online(config: RunConfig, resume: bool = False, console: Console | None = None,
                eval_samples: dict[str, Any] | None = None,
-               on_step: Callable[[int, dict[str, Any]], None] | None = None) -> RunResult:
+               on_step: Callable[[int, dict[str, Any]], None] | None = None, game: Any = None) -> RunResult:
     """The loop of the module docstring. `eval_samples`, when given, receives the held-out generations
     before and after training (the quickstart shows them). `on_step(step, metrics)` is called after each
-    step's metrics are logged and its checkpoint (if any) is written (Ray Tune reports from it)."""
+    step's metrics are logged and its checkpoint (if any) is written (Ray Tune reports from it).
+
+    `game` (the adversarial pipeline's `AdversarialGame`) adds a second player: `prepare` sees the
+    training rows before Ray starts, `start` warms up or restores it, `prefix_values` may give
+    per-prefix rewards, `after_step` trains it on the step's samples (its metrics join the step's),
+    `save` writes it into each checkpoint and `finish` next to the final policy."""
     from raylign.data import format_prompt, load_split
     from raylign.models import load_tokenizer
     from raylign.rewards import check_reward_specs
@@ -307,7 +348,8 @@ def run_online(config: RunConfig, resume: bool = False, console: Console | None 
     algorithm = config.algorithm
     rl, t, ro = config.rl, config.train, config.rollout
     # Everything a user can get wrong is checked before Ray or any actor starts.
-    check_reward_specs(config.reward)
+    if config.reward.sources or game is None:  # an adversarial run may have D as its only reward
+        check_reward_specs(config.reward)
     tokenizer = load_tokenizer(config.model.path)
     train_table, val_table = load_split(config.data)
 
@@ -316,13 +358,16 @@ def run_online(config: RunConfig, resume: bool = False, console: Console | None 
         return len(tokenizer(text, add_special_tokens=False)["input_ids"]) <= config.data.max_prompt_length
 
     all_train = train_table.column("prompt").to_pylist()
-    train = [p for p in all_train if fits(p)]
+    kept = [i for i, p in enumerate(all_train) if fits(p)]
+    train = [all_train[i] for i in kept]
     if len(train) < len(all_train):
         console.print(f"[yellow]skipping {len(all_train) - len(train)} prompts longer than "
                       f"data.max_prompt_length={config.data.max_prompt_length} tokens[/yellow]")
     held_out = [p for p in (val_table.column("prompt").to_pylist() if val_table else []) if fits(p)]
     held_out = held_out[: rl.eval_prompts]
     check_online_config(config, len(train))
+    if game is not None:
+        game.prepare(train_table.take(kept), console)
     per_step = ro.prompts_per_step * ro.n_samples
     minibatches = per_step // t.batch_size
     total_steps = t.max_steps or t.epochs * (len(train) // ro.prompts_per_step)
@@ -338,6 +383,7 @@ def run_online(config: RunConfig, resume: bool = False, console: Console | None 
     except BaseException:
         run.close()
         raise
+    state.game = game
     kl_ctl = (AdaptiveKLController(rl.kl_coef, rl.kl_target, rl.kl_horizon) if rl.kl_target
               else FixedKLController(rl.kl_coef))
     try:
@@ -354,6 +400,8 @@ def run_online(config: RunConfig, resume: bool = False, console: Console | None 
                 kl_ctl.load_state_dict(trainer["kl_controller"])
                 run.truncate_logs_after(start)
                 console.print(f"resumed from {ckpt} at step {start}")
+        if game is not None:
+            game.start(state, run, run.latest_checkpoint() if start else None)
         before: dict[str, float] = {}
         if held_out and start == 0:
             console.print(f"scoring the initial policy on {len(held_out)} held-out prompts x {EVAL_SAMPLES}")
@@ -399,6 +447,8 @@ def run_online(config: RunConfig, resume: bool = False, console: Console | None 
             if eval_samples is not None:
                 eval_samples["after"] = shown
         state.policy.call("save_final", str(run.final))
+        if game is not None:
+            game.finish(state, run)
         final = {k: v for k, v in metrics.items() if k in ("reward/mean", "kl/seq_mean")}
         final.update({f"{k} (before)": v for k, v in before.items() if k in ("eval/reward", "eval/kl")})
         final.update({k: v for k, v in after.items() if k in ("eval/reward", "eval/kl")})
@@ -430,9 +480,12 @@ def _rl_step(state: OnlineRun, config: RunConfig, run: RunDir, train: list[Any],
     t_score = time.perf_counter()
     batch["ref_logps"] = np.concatenate(ray.get(ref_refs))
     values = np.concatenate(ray.get(value_refs)) if value_refs else None
+    prefix_values = None
+    if state.game is not None:
+        prefix_values = state.game.prefix_values(state, step, repeated, rollouts, batch, scores["total"])
     kl_coef = kl_ctl.value
     advantages, returns, adv_metrics = compute_advantages(
-        config.algorithm, config, batch, scores["total"], rollouts["group_ids"], kl_coef, values)
+        state.algorithm, config, batch, scores["total"], rollouts["group_ids"], kl_coef, values, prefix_values)
     batch["advantages"] = advantages
     if values is not None:
         batch["old_values"], batch["returns"] = values, returns
@@ -462,6 +515,8 @@ def _rl_step(state: OnlineRun, config: RunConfig, run: RunDir, train: list[Any],
     metrics = _step_metrics(batch, scores, rollouts, policy_sums, critic_sums)
     metrics.update(adv_metrics)
     metrics["kl/coef"] = kl_coef
+    if state.game is not None:
+        metrics.update(state.game.after_step(state, step, repeated, rollouts))
     seconds = t_train - t0
     metrics.update({
         "perf/generate_seconds": t_gen - t0, "rollout/generate_seconds": rollouts["seconds"],
@@ -490,6 +545,8 @@ def _step_metrics(batch, scores, rollouts, policy_sums, critic_sums) -> dict[str
         **{f"reward/{k}": float(v.mean()) for k, v in scores["components"].items()},
         "response/length_mean": float(lengths.mean()), "response/length_max": float(lengths.max()),
         "response/finished_fraction": float(np.mean(rollouts["finished"])),
+        "response/distinct_1": distinct_n(rollouts["response_ids"], 1),
+        "response/distinct_2": distinct_n(rollouts["response_ids"], 2),
         "policy/loss": p["pg_loss_sum"] / max(p["units"], 1.0),
         "policy/clip_fraction": p["clip_fraction_sum"] / tokens,
         "policy/approx_kl": p["approx_kl_sum"] / tokens,
@@ -536,6 +593,8 @@ def _checkpoint(state: OnlineRun, run: RunDir, step: int, kl_ctl, pending: dict[
     tmp = run.begin_checkpoint(step)
     if pending is not None:
         save_pending_rollouts(pending, tmp)
+    if state.game is not None:
+        state.game.save(state, tmp)
     state.policy.call("save_checkpoint", str(tmp))
     if state.critic is not None:
         state.critic.call("save_checkpoint", str(tmp / "critic"), with_model_dir=False)

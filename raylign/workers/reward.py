@@ -20,13 +20,25 @@ class RewardWorker:
     """
 
     def __init__(self, rank: int, world_size: int, num_cpus: float, reward: dict[str, Any],
-                 tokenizer: str | None = None):
+                 tokenizer: str | None = None, discriminator: dict[str, Any] | None = None):
         torch.set_num_threads(cpu_threads(num_cpus))
-        from raylign.rewards import build_reward
+        from raylign.rewards import WeightedMix, build_reward
 
         self.rank = rank
         kwargs = {"tokenizer": tokenizer} if tokenizer else {}
-        self.mix = build_reward(RewardConfig.model_validate(reward), **kwargs)
+        cfg = RewardConfig.model_validate(reward)
+        mix = build_reward(cfg, **kwargs) if cfg.sources else None
+        self.discriminator = None
+        if discriminator is not None:  # adversarial training: D joins the mix with its weight
+            from raylign.rewards.discriminator import Discriminator
+
+            weight = discriminator.pop("weight")
+            self.discriminator = Discriminator(**discriminator)
+            sources, weights = (mix.sources, mix.weights) if mix else ([], [])
+            mix = WeightedMix([*sources, self.discriminator], [*weights, weight])
+        if mix is None:
+            mix = build_reward(cfg)  # raises the "reward.sources is empty" message
+        self.mix = mix
 
     def name(self) -> str:
         return self.mix.name
@@ -39,6 +51,12 @@ class RewardWorker:
 
     def update(self, prompts: list[Any], completions: list[str], **batch: Any) -> dict[str, float]:
         return self.mix.update(prompts, completions, **batch)
+
+    def save_discriminator(self, path: str) -> None:
+        self.discriminator.save(path)
+
+    def load_discriminator(self, path: str) -> None:
+        self.discriminator.load(path)
 
 
 def merge_scores(parts: list[dict[str, Any]]) -> dict[str, Any]:

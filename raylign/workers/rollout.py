@@ -175,7 +175,8 @@ class RolloutWorker:
     @torch.no_grad()
     def generate(self, prompts: list[Any], sampling: dict[str, Any], seed: int, weights: Any = None,
                  version: int | None = None) -> dict[str, Any]:
-        """Sample `n_samples` completions per prompt (string or chat messages) with the given weights.
+        """Sample `n_samples` completions per prompt (string, chat messages, or token ids taken as they
+        are) with the given weights.
 
         `weights` (with its `version`) is loaded first unless this worker already holds that version:
         the driver sends them with every call so that an actor Ray restarted reloads them before a
@@ -217,17 +218,25 @@ class RolloutWorker:
             "tokens": int(sum(len(r) for r in out["response_ids"])),
         }
 
-    def _generate_chunk(self, prompts: list[Any], cfg: RolloutConfig) -> dict[str, list]:
-        """One batched decode (KV cache, left padding) over `prompts` x `n_samples`."""
+    def _prompt_ids(self, prompt: Any) -> np.ndarray:
+        """Token ids of a prompt: a string or chat messages go through the chat template; token ids
+        (a sequence of ints, e.g. a prompt plus a response prefix for Monte-Carlo rollouts) are kept."""
         from raylign.data import format_prompt
 
-        texts = [format_prompt(p, self.tokenizer, self.apply_chat_template) for p in prompts]
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        if isinstance(prompt, np.ndarray) or (isinstance(prompt, list | tuple) and prompt and
+                                              all(isinstance(t, int | np.integer) for t in prompt)):
+            return np.asarray(prompt, dtype=np.int64)
+        text = format_prompt(prompt, self.tokenizer, self.apply_chat_template)
+        return np.asarray(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+
+    def _generate_chunk(self, prompts: list[Any], cfg: RolloutConfig) -> dict[str, list]:
+        """One batched decode (KV cache, left padding) over `prompts` x `n_samples`."""
+        prompt_ids = [self._prompt_ids(p) for p in prompts]
+        enc = self.tokenizer.pad({"input_ids": [ids.tolist() for ids in prompt_ids]}, padding=True,
+                                 return_tensors="pt")
         responses, logprobs = sample_batch(self.model, enc["input_ids"], enc["attention_mask"], cfg.n_samples,
                                            cfg, self.eos_ids, self.tokenizer.pad_token_id)
         responses, logprobs = responses.numpy(), logprobs.numpy()
-        prompt_ids = [ids[mask.bool()].numpy() for ids, mask in zip(enc["input_ids"], enc["attention_mask"],
-                                                                     strict=True)]
         rows: dict[str, list] = {"prompt_ids": [], "response_ids": [], "logprobs": [], "finished": []}
         for i, response in enumerate(responses):
             # After its EOS a row is padded; those columns are not part of the response.

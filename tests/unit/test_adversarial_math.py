@@ -136,3 +136,12 @@ def test_mc_prefix_values_checks_what_the_rollout_function_returns():
         mc_prefix_values([[1, 2]], [0.0], lambda p, n: [[0.0]], n_rollouts=2)
     with pytest.raises(ValueError, match="1 prefixes"):
         mc_prefix_values([[1, 2]], [0.0], lambda p, n: [], n_rollouts=2)
+
+
+def test_distinct_n_by_hand():
+    from raylign.algorithms.diversity import distinct_n
+
+    seqs = [[1, 2, 3, 1], [1, 2]]
+    assert distinct_n(seqs, 1) == pytest.approx(3 / 6)  # {1, 2, 3} of 6 unigrams
+    assert distinct_n(seqs, 2) == pytest.approx(3 / 4)  # (1,2) (2,3) (3,1) (1,2): 3 unique of 4
+    assert distinct_n([[5]], 2) == 0.0
