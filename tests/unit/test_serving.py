@@ -237,3 +237,18 @@ def test_cluster_serve_yaml_is_a_valid_serve_config_for_app_builder():
     assert settings.require_api_key and settings.api_key_env == "RAYLIGN_API_KEY"
     options = deployment_options(settings.model_copy(update={"min_replicas": 1, "max_replicas": 3, "num_cpus": 0.5}))
     assert options["autoscaling_config"]["max_replicas"] == 3 and options["ray_actor_options"]["num_cpus"] == 0.5
+
+
+def test_a_failing_batch_raises_to_its_requests_and_the_engine_serves_the_next(engine):
+    import asyncio
+
+    from raylign.serving.batching import stream_batch
+
+    async def run(jobs):
+        return [item async for item in stream_batch(engine, jobs)]
+
+    broken = Job([[10**6]], Sampling(4, temperature=0.0))  # a token id outside the vocabulary
+    with pytest.raises(IndexError):
+        asyncio.run(run([broken, Job([engine.encode_text("Hi")], Sampling(4))]))
+    steps = asyncio.run(run([Job([engine.encode_text("Hi")], Sampling(4, temperature=0.0))]))
+    assert sum(u.finish_reason == "length" for step in steps for ups in step for u in ups) == 1
