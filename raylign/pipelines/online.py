@@ -432,7 +432,10 @@ def run_online(config: RunConfig, resume: bool = False, console: Console | None 
                 metrics.update(_evaluate(state, config, held_out, done)[0])
             if done % t.log_every == 0 or done == total_steps:
                 run.log_metrics(done, metrics)
-            bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics['kl/seq_mean']:.3f}")
+            postfix = {"reward": f"{metrics['reward/mean']:.3f}", "kl": f"{metrics['kl/seq_mean']:.3f}"}
+            if "discriminator/fool_rate" in metrics:
+                postfix["fooled"] = f"{metrics['discriminator/fool_rate']:.2f}"
+            bar.set_postfix(postfix)
             if config.output.save_every and done % config.output.save_every == 0 and done < total_steps:
                 if pending is not None:
                     pending = state.collect(pending)

@@ -101,8 +101,11 @@ def test_resume_restores_both_players(tmp_path, human_file):
     config = _config(tmp_path, human_file, "resumed", *extra)
     with pytest.raises(Interrupt):
         run_pipeline(config, on_step=stop_after_4)
-    resumed = _steps(run_pipeline(config, resume=True).run_dir)
+    result = run_pipeline(config, resume=True)
+    resumed = _steps(result.run_dir)
     assert [r["step"] for r in resumed] == list(range(1, 7))
+    warmup = [r for r in read_metrics(result.run_dir) if "discriminator/warmup_loss" in r]
+    assert [r["step"] for r in warmup] == [0, 0]  # D's two warm-up updates, before the policy moved
     keys = ["reward/mean", "discriminator/loss", "discriminator/accuracy_human", "discriminator/fool_rate",
             "discriminator/replay_size", "kl/seq_mean"]
     for a, b in zip(baseline, resumed, strict=True):

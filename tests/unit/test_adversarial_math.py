@@ -145,3 +145,31 @@ def test_distinct_n_by_hand():
     assert distinct_n(seqs, 1) == pytest.approx(3 / 6)  # {1, 2, 3} of 6 unigrams
     assert distinct_n(seqs, 2) == pytest.approx(3 / 4)  # (1,2) (2,3) (3,1) (1,2): 3 unique of 4
     assert distinct_n([[5]], 2) == 0.0
+
+
+def test_collapse_watch_warns_once_when_accuracy_is_pinned_high_or_at_chance():
+    import io
+
+    from rich.console import Console
+
+    from raylign.config import load_config
+    from raylign.pipelines.adversarial import AdversarialGame
+
+    def game():
+        out = io.StringIO()
+        config = load_config("adversarial", ["adversarial.collapse_patience=3"])
+        return AdversarialGame(config, Console(file=out, width=200)), out
+
+    g, out = game()
+    flags = [g._watch_collapse(s, {"accuracy_human": 1.0, "accuracy_policy": 1.0})["discriminator/collapsed"]
+             for s in range(5)]
+    assert flags == [0.0, 0.0, 1.0, 1.0, 1.0]
+    assert out.getvalue().count("discriminator collapse at step 3") == 1 and "D wins outright" in out.getvalue()
+    g, out = game()
+    for s, acc in enumerate([0.9, 0.5, 0.51, 0.49]):
+        g._watch_collapse(s, {"accuracy_human": acc, "accuracy_policy": acc})
+    assert "cannot tell policy from human" in out.getvalue()
+    g, out = game()  # a D that is good but not perfect is left alone
+    for s in range(6):
+        g._watch_collapse(s, {"accuracy_human": 0.9, "accuracy_policy": 0.8})
+    assert out.getvalue() == ""
