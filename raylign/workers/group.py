@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid
 from typing import Any
 
 import numpy as np
@@ -85,7 +86,9 @@ class WorkerGroup:
         `num_cpus`. `actor_name_prefix`: name the actors `<prefix>-<rank>` (findable with ray.get_actor)."""
         self.name = name
         bundle = {"CPU": num_cpus} | ({"GPU": num_gpus} if num_gpus else {})
-        self.placement_group = placement_group([bundle] * num_workers, strategy="PACK", name=name)
+        # Unique: several runs share one cluster (Ray Tune trials), and placement group names must differ.
+        pg_name = f"{name}-{uuid.uuid4().hex[:8]}"
+        self.placement_group = placement_group([bundle] * num_workers, strategy="PACK", name=pg_name)
         ready, _ = ray.wait([self.placement_group.ready()], timeout=ready_timeout_s)
         if not ready:
             remove_placement_group(self.placement_group)
