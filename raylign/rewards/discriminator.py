@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from raylign.algorithms.adversarial import (
     discriminator_loss,
@@ -64,7 +65,9 @@ class Discriminator(RewardModelSource):
         if not penalty:
             return self.model(input_ids=ids, attention_mask=mask).logits[:, 0].float(), None
         embeds = self.model.get_input_embeddings()(ids).detach().requires_grad_(True)
-        logits = self.model(inputs_embeds=embeds, attention_mask=mask).logits[:, 0].float()
+        # R1 differentiates a gradient: the fused attention kernels have no double backward, the math one has.
+        with sdpa_kernel(SDPBackend.MATH):
+            logits = self.model(inputs_embeds=embeds, attention_mask=mask).logits[:, 0].float()
         return logits, gradient_penalty(logits, embeds)
 
     @torch.no_grad()

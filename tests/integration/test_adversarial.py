@@ -136,3 +136,18 @@ def test_missing_human_text_is_one_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="adversarial.human_data=FILE"):
         run_pipeline(config)
     assert not (tmp_path / "runs").exists()  # nothing was started or written
+
+
+def test_pairs_data_conditions_the_discriminator_on_the_prompts(tmp_path, human_file):
+    """data.kind=pairs: the prompts are the pairs' prompts, the human side their chosen answers."""
+    texts = [json.loads(line)["text"] for line in human_file.read_text().splitlines()][:40]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"Say something about item {i}.", "chosen": t, "rejected": "no"})
+                             + "\n" for i, t in enumerate(texts)))
+    config = load_config("adversarial", [*TINY, "data.kind=pairs", f"data.train={pairs}", "train.max_steps=2",
+                                         f"output.dir={tmp_path}/runs", "output.name=pairs"])
+    result = run_pipeline(config)
+    steps = _steps(result.run_dir)
+    assert len(steps) == 2 and all(0 <= r["discriminator/fool_rate"] <= 1 for r in steps)
+    samples = [json.loads(line) for line in (tmp_path / "runs" / "pairs" / "samples.jsonl").read_text().splitlines()]
+    assert all(s["prompt"].startswith("Say something about item") for s in samples)

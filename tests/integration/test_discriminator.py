@@ -3,6 +3,7 @@ its accuracy ceiling, and survives a save/load."""
 
 from __future__ import annotations
 
+import math
 import random
 
 import numpy as np
@@ -80,3 +81,17 @@ def test_same_updates_same_weights_and_save_load_restores_them(tmp_path):
     for d in (a, c):
         d.update(None, POLICY, human_texts=HUMAN)
     np.testing.assert_allclose(c.logits(None, POLICY), a.logits(None, POLICY), atol=1e-5)
+
+
+def test_gradient_penalty_is_computed_on_the_embedded_human_inputs_and_reported():
+    d = Discriminator("tiny:llama", lr=3e-3, gradient_penalty=10.0, seed=0)
+    m = d.update(None, POLICY, human_texts=HUMAN, steps=2)
+    assert m["gradient_penalty"] > 0 and math.isfinite(m["gradient_penalty"])
+    assert m["updates"] == 2.0
+
+
+def test_a_conditioned_discriminator_reads_the_prompt_and_an_unconditioned_one_ignores_it():
+    cond, plain = Discriminator("tiny:llama", seed=0), Discriminator("tiny:llama", seed=0, conditioned=False)
+    prompts = ["Tell me about the sea."] * 4
+    np.testing.assert_array_equal(plain.logits(prompts, POLICY[:4]), plain.logits(None, POLICY[:4]))
+    assert not np.allclose(cond.logits(prompts, POLICY[:4]), cond.logits(None, POLICY[:4]))

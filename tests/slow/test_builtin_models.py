@@ -95,3 +95,26 @@ def test_minilm_embeds_and_backs_a_reward_model():
     assert type(reward_model).__name__ == "BertForSequenceClassification"
     with torch.no_grad():
         assert reward_model.eval()(**batch).logits.shape == (3, 1)
+
+
+def test_minilm_discriminator_learns_to_tell_two_styles_apart():
+    """The adversarial default: D on the real MiniLM encoder separates formal from chatty sentences
+    after a few updates, and its logit reward ranks held-out texts of each style accordingly."""
+    from raylign.rewards.discriminator import Discriminator
+
+    formal = ["The committee will convene on Monday to review the proposal.",
+              "Please find attached the report requested in your letter.",
+              "The results indicate a modest improvement over the baseline.",
+              "We regret to inform you that the position has been filled.",
+              "The museum is open daily except on public holidays.",
+              "Applicants must submit their documents before the deadline."]
+    chatty = ["lol that movie was sooo good omg", "hey wanna grab pizza later??",
+              "ugh mondays am i right", "haha no way, that's wild!!",
+              "brb gotta feed the cat", "sooo tired rn, need coffee"]
+    d = Discriminator("builtin:minilm-l6", lr=5e-5, seed=0)
+    for _ in range(8):
+        metrics = d.update(None, chatty, human_texts=formal)
+    assert metrics["accuracy_human"] == 1.0 and metrics["accuracy_policy"] == 1.0
+    held_formal = d.score(None, ["The board approved the annual budget.", "Visitors are asked to sign in."])
+    held_chatty = d.score(None, ["omg lol same", "yesss pizza time!!"])
+    assert held_formal.min() > held_chatty.max()
