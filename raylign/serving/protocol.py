@@ -121,7 +121,7 @@ class _Request(_Strict):
     top_p: float | None = Field(None, gt=0, le=1, description="nucleus sampling; default 1")
     stop: StopText | Annotated[list[StopText], Field(max_length=MAX_STOP)] | None = Field(
         None, description=f"up to {MAX_STOP} stop sequences; the text ends before the first one")
-    seed: int | None = Field(None, ge=-(2**63), lt=2**63, description="same seed, same request: same answer")
+    seed: int | None = Field(None, description="same seed, same request: same answer (any integer)")
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import socket
 from dataclasses import dataclass
@@ -231,6 +232,7 @@ def test_200_concurrent_requests_are_batched(server, tokenizer):
 
             return await asyncio.gather(*(one(r) for r in requests))
 
+    logged_before = len(_batch_sizes(server.logs))
     answers = asyncio.run(run_all())
     assert len(answers) == 200
     for req, out in zip(requests, answers, strict=True):
@@ -247,10 +249,9 @@ def test_200_concurrent_requests_are_batched(server, tokenizer):
             if "stop" in req:
                 assert "." not in text
 
-    sizes = _batch_sizes(server.logs)
-    assert sum(sizes) >= 200  # every request went through a logged batch
-    assert max(sizes) > 1, sizes  # and concurrent requests shared forward passes
-    assert sum(s > 1 for s in sizes) * 2 >= 1  # at least one real batch
+    sizes = _batch_sizes(server.logs)[logged_before:]
+    assert sum(sizes) == 200  # every request went through exactly one logged batch
+    assert max(sizes) > 1 and len(sizes) <= 100, sizes  # concurrent requests shared forward passes
 
 
 def _batch_sizes(logs: Path) -> list[int]:
@@ -336,7 +337,7 @@ def test_schemathesis_finds_no_server_error_or_schema_violation(server):
         operation = result.ok()
 
         @given(case=operation.as_strategy())
-        @settings(max_examples=25, deadline=None, database=None,
+        @settings(max_examples=int(os.environ.get("RAYLIGN_FUZZ_EXAMPLES", 25)), deadline=None, database=None,
                   suppress_health_check=list(HealthCheck), print_blob=True)
         def fuzz(case):
             response = case.call(base_url=server.url, headers=auth, timeout=60)
