@@ -170,7 +170,7 @@ class RowProgress(StoppingCriteria):
                     updates.setdefault(row.job, []).append(update)
         if self.emit is not None and updates:
             self.emit(updates)
-        return torch.tensor([row.finish is not None for row in self.rows], dtype=torch.bool)
+        return torch.tensor([row.finish is not None for row in self.rows], dtype=torch.bool, device=input_ids.device)
 
     def _advance(self, row: _Row, token: int) -> None:
         if self.jobs[row.job].cancelled.is_set():
