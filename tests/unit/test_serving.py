@@ -252,3 +252,24 @@ def test_a_failing_batch_raises_to_its_requests_and_the_engine_serves_the_next(e
         asyncio.run(run([broken, Job([engine.encode_text("Hi")], Sampling(4))]))
     steps = asyncio.run(run([Job([engine.encode_text("Hi")], Sampling(4, temperature=0.0))]))
     assert sum(u.finish_reason == "length" for step in steps for ups in step for u in ups) == 1
+
+
+def test_a_lora_adapter_dir_is_served_merged_or_applied_alike(tmp_path, engine):
+    from raylign.config import LoraConfig
+    from raylign.models import apply_lora, load_causal_lm, save_model
+    from raylign.serving.engine import Engine
+
+    base, tokenizer = load_causal_lm(MODEL)
+    adapted = apply_lora(base, LoraConfig(r=4, alpha=8), "CAUSAL_LM")
+    with torch.no_grad():
+        for name, param in adapted.named_parameters():
+            if "lora_B" in name:  # B starts at zero (an identity adapter); make it change the model
+                param.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(0))
+    adapter_dir = save_model(adapted, tokenizer, tmp_path / "adapter", merge_lora=False)
+    assert (adapter_dir / "adapter_config.json").is_file() and not (adapter_dir / "config.json").exists()
+
+    prompt = engine.encode_text("The weather today is")
+    job = [Job([prompt], Sampling(12, temperature=0.0))]
+    merged, applied = Engine(str(adapter_dir), merge_lora=True), Engine(str(adapter_dir), merge_lora=False)
+    assert type(merged.model).__name__ == "LlamaForCausalLM" and type(applied.model).__name__ == "PeftModelForCausalLM"
+    assert merged.generate(job).rows == applied.generate(job).rows != engine.generate(job).rows
