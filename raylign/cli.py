@@ -129,6 +129,25 @@ def cmd_serve(args: argparse.Namespace) -> None:
                   echo=lambda line: console.print(line, markup=False, highlight=False))
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from raylign.evaluation.runner import run_eval
+
+    run_eval(
+        args.model, args.out, pairs=args.pairs, ratings=args.ratings, bias=args.bias, prompts=args.prompts,
+        reference=args.reference, scorer=args.scorer, judge=args.judge, beta=args.beta, limit=args.limit,
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, actors=args.actors,
+        cpus_per_actor=args.cpus_per_actor, batch_size=args.batch_size, bias_generate=args.bias_generate,
+        seed=args.seed, console=console, progress=not args.no_progress,
+    )
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from raylign.evaluation.report import write_run_report
+
+    out = write_run_report(args.run_dir)
+    console.print(f"[green]wrote[/green] {out['report']} with {len(out['plots'])} plot(s) from {out['steps']} rows")
+
+
 # ---- parser --------------------------------------------------------------------------------------
 
 
@@ -167,8 +186,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="model whose tokenizer measures lengths in tokens")
     p.set_defaults(func=cmd_data)
     _add_annotate_parser(data_sub)
+    _add_eval_parsers(sub)
     _add_serve_parser(sub)
     return parser
+
+
+def _add_eval_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval", help="measure agreement with humans, bias and drift; write eval.json and a report",
+        description="Evaluate MODEL_OR_RUN (a run directory = its final/ model, a local dir, HF id, builtin:/tiny:) "
+        "on what you give: --pairs (pairwise agreement with human labels, bootstrap 95%% CI, per category), "
+        "--ratings (Spearman/Kendall with human ratings), --bias (counterfactual gaps across groups), --prompts "
+        "(generations with Ray Data: lengths, diversity, reward, and with --reference KL and win rate). Writes "
+        "OUT/eval.json, OUT/report.md and PNG plots.",
+    )
+    p.add_argument("model", metavar="MODEL_OR_RUN", help="runs/<name>, a model directory, HF id, builtin:/tiny:")
+    p.add_argument("--out", required=True, help="output directory for eval.json, report.md and plots")
+    p.add_argument("--pairs", help="pairs file {prompt, chosen, rejected[, category]}")
+    p.add_argument("--ratings", help="ratings file {text | prompt+completion, rating}")
+    p.add_argument("--bias", help="'builtin' (gender, names, nationality, religion, age) or a JSONL file extending it")
+    p.add_argument("--prompts", help="prompts file (or builtin:everyday-prompts) to generate from")
+    p.add_argument("--reference", help="reference model (DPO scorer, KL, win rate); default for a run: its base model")
+    p.add_argument("--scorer", default="loglik-mean",
+                   help="loglik-mean (default), loglik-sum, dpo, or a reward source (lexicon:vader, a reward model dir, ...)")
+    p.add_argument("--judge", default="lexicon:vader", help="reward source judging generations (default lexicon:vader)")
+    p.add_argument("--beta", type=float, default=0.1, help="β of the DPO implicit reward (default 0.1)")
+    p.add_argument("--limit", type=int, help="use only the first N rows of each file")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="generation length (default 64)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0: unbiased KL)")
+    p.add_argument("--actors", type=int, default=2, help="Ray Data generator actors (default 2)")
+    p.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs per generator actor (default 1)")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch (default 16)")
+    p.add_argument("--bias-generate", action="store_true", help="also compare the judge's score of generations per group")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("report", help="plots and a markdown summary of a training run: RUN_DIR/report/")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory with metrics.jsonl (runs/<name>)")
+    p.set_defaults(func=cmd_report)
 
 
 def _add_annotate_parser(data_sub: argparse._SubParsersAction) -> None:

@@ -1,6 +1,6 @@
 """Generation over large prompt sets with Ray Data: `map_batches` over an actor pool of generators.
 
-    ray.data.from_items(rows) -> map_batches(Generator, concurrency=N, num_cpus=c, batch_size=b)
+    ray.data.from_items(rows) -> map_batches(Generator, compute=ActorPoolStrategy(size=N), num_cpus=c, ...)
 
 Each `Generator` actor loads the policy once (a `RolloutWorker`, so sampling is the exact KV-cache
 loop training uses) and, when a reference model is given, scores its own samples under the
@@ -101,7 +101,7 @@ def generate_with_ray_data(
         fn_constructor_kwargs={"model": model, "sampling": sampling, "seed": seed, "num_cpus": cpus_per_actor,
                                "reference": reference, "apply_chat_template": apply_chat_template},
         batch_size=batch_size,
-        concurrency=actors,
+        compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=cpus_per_actor,
         batch_format="numpy",
     )

@@ -20,6 +20,3 @@ def test_2000_prompts_on_two_ray_data_actors_report_generations_per_second(ray_s
     assert all(1 <= t <= 2 for t in out["tokens"])
     # the reference is the same model, so log π − log π_ref is ~0 on every sample
     assert max(abs(a - b) for a, b in zip(out["logp"], out["ref_logp"], strict=True)) < 1e-3
-    # seeded per batch: another run (any actor order) gives the same samples
-    again = generate_with_ray_data(prompts[:200], **{**kw, "reference": None})
-    assert again["completions"] == out["completions"][:200]
