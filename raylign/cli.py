@@ -129,6 +129,39 @@ def cmd_serve(args: argparse.Namespace) -> None:
                   echo=lambda line: console.print(line, markup=False, highlight=False))
 
 
+def cmd_tune(args: argparse.Namespace) -> None:
+    if args.config == "summarize":
+        from raylign.tuning.summary import load_summary, plot_summary, print_summary
+
+        if len(args.overrides) != 1:
+            raise SystemExit("usage: raylign tune summarize DIR [--metric M]")
+        summary = load_summary(args.overrides[0], args.metric)
+        print_summary(summary, console)
+        console.print(f"plot: {plot_summary(summary)}")
+        return
+    from raylign.tuning.spec import load_spec
+    from raylign.tuning.summary import load_summary, plot_summary, print_summary
+    from raylign.tuning.tuner import run_tune
+
+    spec = load_spec(args.config, args.overrides)
+    sweep_dir = run_tune(spec, console=console, restart=args.restart, dashboard=not args.no_dashboard,
+                         ray_address=args.ray_address)
+    summary = load_summary(sweep_dir)
+    print_summary(summary, console)
+    console.print(f"plot: {plot_summary(summary)}")
+
+
+def cmd_dashboard(args: argparse.Namespace) -> None:
+    import subprocess
+    from pathlib import Path
+
+    if not Path(args.dir).is_dir():
+        raise FileNotFoundError(f"no such run or sweep directory: {args.dir}")
+    cmd = [sys.executable, "-m", "tensorboard.main", "--logdir", args.dir, "--host", args.host, "--port", str(args.port)]
+    console.print(f"TensorBoard on http://{args.host}:{args.port}/  ({' '.join(cmd[2:])}); Ctrl-C stops it")
+    raise SystemExit(subprocess.call(cmd))
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     from raylign.evaluation.runner import run_eval
 
@@ -188,7 +221,33 @@ def build_parser() -> argparse.ArgumentParser:
     _add_annotate_parser(data_sub)
     _add_eval_parsers(sub)
     _add_serve_parser(sub)
+    _add_tune_parsers(sub)
     return parser
+
+
+def _add_tune_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "tune", help="Ray Tune sweep: raylign tune CONFIG [key=value ...]; raylign tune summarize DIR",
+        description="Run the sweep in CONFIG (a YAML in tune_configs/): every trial runs the sweep's recipe with "
+        "sampled values, reporting its metrics and the alignment objective to Tune (ASHA, PBT or none; random, "
+        "Optuna or grid search). Overrides of sweep keys (num_samples=8, scheduler.type=pbt) change the sweep; "
+        "any other key=value is a recipe override for every trial (model.path=tiny:llama). Running the same "
+        "command again resumes an interrupted sweep. `raylign tune summarize DIR` prints the ranked trials and "
+        "writes DIR/sweep.png.",
+    )
+    p.add_argument("config", help="sweep YAML (e.g. tune_configs/multitask_weights.yaml), or 'summarize'")
+    p.add_argument("overrides", nargs="*", help="key=value overrides (sweep or recipe keys); for summarize: DIR")
+    p.add_argument("--restart", action="store_true", help="delete an existing sweep directory and start over")
+    p.add_argument("--no-dashboard", action="store_true", help="do not start the Ray dashboard (local Ray)")
+    p.add_argument("--ray-address", help="Ray cluster to run the trials on (default: $RAY_ADDRESS, else local)")
+    p.add_argument("--metric", help="summarize: rank by this metric instead of the sweep's")
+    p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("dashboard", help="start TensorBoard on a run or sweep directory")
+    p.add_argument("dir", help="runs/<name> or a sweep directory")
+    p.add_argument("--port", type=int, default=6006)
+    p.add_argument("--host", default="127.0.0.1")
+    p.set_defaults(func=cmd_dashboard)
 
 
 def _add_eval_parsers(sub: argparse._SubParsersAction) -> None:
