@@ -129,7 +129,8 @@ def run_eval(
         result["ratings"] = {"file": ratings, **metrics.rank_correlation(scores, [r["rating"] for r in rows],
                                                                           n_boot=n_boot, seed=seed)}
         r = result["ratings"]
-        console.print(f"human consistency (ratings): Spearman {r['spearman']}, Kendall {r['kendall']} on {r['n']} items")
+        console.print(f"human consistency (ratings): Spearman {_num(r['spearman'])} {_ci(*r['spearman_ci'])}, "
+                      f"Kendall {_num(r['kendall'])} {_ci(*r['kendall_ci'])} on {r['n']} items")
 
     if "bias" in inputs:
         from raylign.evaluation.bias import evaluate_bias
@@ -202,6 +203,10 @@ def _generation_section(prompts: list[Any], path: str, reference: str | None, ju
     return section
 
 
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def _ci(lo: float, hi: float) -> str:
     return f"[{lo:.3f}, {hi:.3f}]"
 
@@ -233,7 +238,7 @@ def write_eval_report(result: dict[str, Any], out_dir: Path) -> Path:
         r = result["ratings"]
         lines += ["## Human consistency: rank correlation with ratings", "",
                   "| items | Spearman ρ | 95% CI | Kendall τ | 95% CI |", "|---|---|---|---|---|",
-                  f"| {r['n']} | {r['spearman']} | {_ci(*r['spearman_ci'])} | {r['kendall']} | {_ci(*r['kendall_ci'])} |", ""]
+                  f"| {r['n']} | {_num(r['spearman'])} | {_ci(*r['spearman_ci'])} | {_num(r['kendall'])} | {_ci(*r['kendall_ci'])} |", ""]
     if "bias" in result:
         lines += ["## Bias: counterfactual gaps", "",
                   "Same template, only the group term swapped. Mean |gap| over group pairs and the worst pair "
