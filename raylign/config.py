@@ -250,8 +250,10 @@ class ResourcesConfig(Section):
     gpus_per_learner: float = Field(0.0, ge=0.0)
     rollout_workers: int = Field(1, ge=1)
     cpus_per_rollout_worker: float = Field(0.5, gt=0.0)
+    gpus_per_rollout_worker: float = Field(0.0, ge=0.0, description="> 0: sample on a GPU (fractions share one)")
     reward_workers: int = Field(1, ge=1)
     cpus_per_reward_worker: float = Field(0.25, gt=0.0)
+    gpus_per_reward_worker: float = Field(0.0, ge=0.0, description="> 0: reward models / discriminator on a GPU")
     threads: int | None = Field(
         None, gt=0, description="torch threads per rollout/learner actor; None = its CPU share. The RL loop's "
         "groups take turns, so on one small machine each may use every core")

@@ -202,7 +202,8 @@ class OnlineRun:
                 threads=r.threads, actor_name_prefix=f"{prefix}-critic",
                 init_kwargs={"config": critic_cfg.model_dump(), "objective": "value"})
         self.rollout = WorkerGroup(
-            RolloutWorker, r.rollout_workers, r.cpus_per_rollout_worker, name="rollout", threads=r.threads,
+            RolloutWorker, r.rollout_workers, r.cpus_per_rollout_worker, r.gpus_per_rollout_worker, name="rollout",
+            threads=r.threads,
             max_restarts=ROLLOUT_RESTARTS, actor_name_prefix=f"{prefix}-rollout",
             init_kwargs={"model": config.model.model_dump(), "seed": config.seed,
                          "apply_chat_template": config.data.apply_chat_template})
@@ -210,7 +211,7 @@ class OnlineRun:
         if config.algorithm == "adversarial":
             reward_kwargs["discriminator"] = discriminator_kwargs(config)
         self.reward = WorkerGroup(
-            RewardWorker, r.reward_workers, r.cpus_per_reward_worker, name="reward",
+            RewardWorker, r.reward_workers, r.cpus_per_reward_worker, r.gpus_per_reward_worker, name="reward",
             # A restarted actor would come back with the initial discriminator: the run stops instead
             # (and `--resume` continues from the last checkpoint, D included).
             max_restarts=0 if config.algorithm == "adversarial" else ROLLOUT_RESTARTS,

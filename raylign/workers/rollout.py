@@ -8,6 +8,7 @@ returns token ids, the log-probabilities the tokens were sampled with, and which
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 import warnings
@@ -26,6 +27,12 @@ from raylign.workers.group import cpu_threads, quiet_libraries
 def chunk_seed(seed: int, chunk: int) -> int:
     """A well-mixed 31-bit seed for chunk `chunk` of a call seeded `seed`."""
     return int(np.random.SeedSequence([seed, chunk]).generate_state(1)[0] >> 1)
+
+
+def cache_argument(model: Any) -> str:
+    """The forward argument that takes the KV cache: `cache` in recent transformers, `past_key_values`
+    before (and in models with their own forward)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 @torch.no_grad()
@@ -47,17 +54,20 @@ def sample_batch(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
         warpers.append(TopKLogitsWarper(cfg.top_k))
     if not greedy and cfg.top_p < 1.0:
         warpers.append(TopPLogitsWarper(cfg.top_p))
+    device = next(model.parameters()).device
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     # Left padding: a real token's position is the number of real tokens before it.
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache(config=model.config)
+    kv = {cache_argument(model): cache}
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                   cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+                   use_cache=True, logits_to_keep=1, **kv).logits[:, -1]
     cache.batch_repeat_interleave(n_samples)
     logits = logits.repeat_interleave(n_samples, dim=0)
     attention_mask = attention_mask.repeat_interleave(n_samples, dim=0)
     position = attention_mask.sum(-1, keepdim=True)
-    eos = torch.as_tensor(eos_ids)
-    done = torch.zeros(len(logits), dtype=torch.bool)
+    eos = torch.as_tensor(eos_ids, device=device)
+    done = torch.zeros(len(logits), dtype=torch.bool, device=device)
     tokens, logprobs = [], []
     for step in range(cfg.max_new_tokens):
         scores = logits.float() / temperature
@@ -76,9 +86,9 @@ def sample_batch(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
             break
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(token), 1)], dim=1)
         logits = model(input_ids=token, attention_mask=attention_mask, position_ids=position,
-                       cache=cache, use_cache=True).logits[:, -1]
+                       use_cache=True, **kv).logits[:, -1]
         position = position + 1
-    return torch.cat(tokens, dim=1), torch.cat(logprobs, dim=1)
+    return torch.cat(tokens, dim=1).cpu(), torch.cat(logprobs, dim=1).cpu()
 
 
 def cut_at_eos(tokens: np.ndarray, eos_ids: np.ndarray) -> tuple[int, bool]:
@@ -109,7 +119,9 @@ class RolloutWorker:
             self.lora_scaling = peft_cfg.lora_alpha / (math.sqrt(peft_cfg.r) if peft_cfg.use_rslora else peft_cfg.r)
             saved_adapter = {n: p.detach().clone() for n, p in net.named_parameters() if is_lora_weight(n)}
             net = net.unload()  # removes the adapter layers without merging: the pristine base
-        self.model = net.eval().requires_grad_(False)
+        # Ray shows an actor only the GPUs it reserved (resources.gpus_per_rollout_worker); none -> CPU.
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = net.to(self.device).eval().requires_grad_(False)
         self.fan_in_fan_out = uses_conv1d(self.model)
         self.tokenizer.padding_side = "left"  # generation continues from the right edge of every row
         self.eos_ids = self._eos_ids()
@@ -156,10 +168,10 @@ class RolloutWorker:
         for name, delta in deltas.items():
             param = self.params[name]
             w0 = self.pristine.setdefault(name, param.detach().clone())  # first touch: still pristine
-            param.copy_((w0.float() + delta).to(param.dtype))
+            param.copy_((w0.float() + delta.to(w0.device)).to(param.dtype))
         self.merged = set(deltas)
         for name, value in plain.items():
-            self.params[name].copy_(value.to(self.params[name].dtype))
+            self.params[name].copy_(value.to(self.params[name].device, self.params[name].dtype))
         self.version = version
 
     def _check_names(self, deltas: dict[str, torch.Tensor], plain: dict[str, torch.Tensor]) -> None:
