@@ -40,6 +40,7 @@ from raylign.algorithms.adversarial import prefix_token_rewards
 from raylign.algorithms.diversity import distinct_n
 from raylign.algorithms.kl import AdaptiveKLController, FixedKLController, kl_estimate
 from raylign.config import ConfigError, RunConfig
+from raylign.evaluation.metrics import reward_length_correlation
 from raylign.pipelines.offline import RunResult, _add, step_indices
 from raylign.pipelines.run_dir import RunDir
 from raylign.workers.group import WorkerGroup, init_ray, shard_batch
@@ -314,7 +315,9 @@ def check_online_config(config: RunConfig, n_prompts: int) -> None:
 
 
 def _evaluate(state: OnlineRun, config: RunConfig, prompts: list[Any], step: int) -> tuple[dict[str, float], dict]:
-    """Mean reward and KL(π ‖ π_ref) (Σ_t log π − log π_ref per completion, k1) on held-out prompts."""
+    """Mean reward and KL(π ‖ π_ref) (Σ_t log π − log π_ref per completion, k1) on held-out prompts, and
+    two reward-hacking signals: distinct-1/2 of the completions' token ids (collapse) and the Pearson
+    correlation of reward with length (`eval/reward_length_corr`, omitted when either is constant)."""
     sampling = config.rollout.model_dump() | {"n_samples": EVAL_SAMPLES}
     # A fixed seed for every evaluation: before/after differ only by the weights.
     out = state.generate(prompts, sampling, step_seed(config.seed, 0, 2), version=step)
@@ -327,6 +330,10 @@ def _evaluate(state: OnlineRun, config: RunConfig, prompts: list[Any], step: int
     metrics = {"eval/reward": float(scores["total"].mean()), "eval/kl": float(seq_kl.mean()),
                "eval/response_length": float(mask.sum(-1).mean())}
     metrics.update({f"eval/reward/{k}": float(v.mean()) for k, v in scores["components"].items()})
+    metrics.update({f"eval/distinct_{n}": distinct_n(out["response_ids"], n) for n in (1, 2)})
+    corr = reward_length_correlation(scores["total"], mask.sum(-1))["pearson"]
+    if corr is not None:
+        metrics["eval/reward_length_corr"] = corr
     return metrics, {"prompts": repeated, "texts": out["texts"], "scores": scores["total"]}
 
 
