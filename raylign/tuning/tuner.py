@@ -142,7 +142,8 @@ def run_tune(spec: TuneSpec, console: Console | None = None, restart: bool = Fal
             ),
             run_config=tune.RunConfig(
                 name=spec.name, storage_path=str(sweep_dir.parent), verbose=1,
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                # PBT exploits other trials' checkpoints: keep a few; otherwise the last one is enough.
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=4 if spec.scheduler.type == "pbt" else 1),
             ),
         )
     results = tuner.fit()
