@@ -167,7 +167,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     run_eval(
         args.model, args.out, pairs=args.pairs, ratings=args.ratings, bias=args.bias, prompts=args.prompts,
-        reference=args.reference, scorer=args.scorer, judge=args.judge, beta=args.beta, limit=args.limit,
+        reference=args.reference, references=args.references, embedder=args.embedder,
+        checkpoints=args.checkpoints, proxy=args.proxy, gold=args.gold, scorer=args.scorer, judge=args.judge, beta=args.beta, limit=args.limit,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, actors=args.actors,
         cpus_per_actor=args.cpus_per_actor, batch_size=args.batch_size, bias_generate=args.bias_generate,
         seed=args.seed, console=console, progress=not args.no_progress,
@@ -256,8 +257,10 @@ def _add_eval_parsers(sub: argparse._SubParsersAction) -> None:
         description="Evaluate MODEL_OR_RUN (a run directory = its final/ model, a local dir, HF id, builtin:/tiny:) "
         "on what you give: --pairs (pairwise agreement with human labels, bootstrap 95%% CI, per category), "
         "--ratings (Spearman/Kendall with human ratings), --bias (counterfactual gaps across groups), --prompts "
-        "(generations with Ray Data: lengths, diversity, reward, and with --reference KL and win rate). Writes "
-        "OUT/eval.json, OUT/report.md and PNG plots.",
+        "(generations with Ray Data: lengths, diversity, reward, and with --reference KL and win rate), "
+        "--references (cosine similarity of generations to human answers, MiniLM embeddings), --checkpoints "
+        "with --prompts/--gold[/--proxy] on a run directory (proxy and gold reward vs sqrt(KL) across its "
+        "checkpoints: reward over-optimisation). Writes OUT/eval.json, OUT/report.md and PNG plots.",
     )
     p.add_argument("model", metavar="MODEL_OR_RUN", help="runs/<name>, a model directory, HF id, builtin:/tiny:")
     p.add_argument("--out", required=True, help="output directory for eval.json, report.md and plots")
@@ -266,6 +269,15 @@ def _add_eval_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bias", help="'builtin' (gender, names, nationality, religion, age) or a JSONL file extending it")
     p.add_argument("--prompts", help="prompts file (or builtin:everyday-prompts) to generate from")
     p.add_argument("--reference", help="reference model (DPO scorer, KL, win rate); default for a run: its base model")
+    p.add_argument("--references", help="file of prompts with human answers: pairs (chosen is the answer) or unpaired "
+                   "(completions labelled true); scores generation-vs-answer embedding similarity")
+    p.add_argument("--embedder", default="builtin:minilm-l6",
+                   help="sentence encoder for --references (default builtin:minilm-l6)")
+    p.add_argument("--checkpoints", action="store_true",
+                   help="MODEL_OR_RUN is a run dir: proxy and gold reward and sqrt(KL) at each of its checkpoints "
+                   "on --prompts (reward over-optimisation curves)")
+    p.add_argument("--proxy", help="with --checkpoints: the reward trained on (default: the run's reward.sources)")
+    p.add_argument("--gold", help="with --checkpoints: a held-out gold reward source (lexicon:vader, a reward model dir, ...)")
     p.add_argument("--scorer", default="loglik-mean",
                    help="loglik-mean (default), loglik-sum, dpo, or a reward source (lexicon:vader, a reward model dir, ...)")
     p.add_argument("--judge", default="lexicon:vader", help="reward source judging generations (default lexicon:vader)")

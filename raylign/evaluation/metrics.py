@@ -269,3 +269,37 @@ def diversity(texts: Sequence[str]) -> dict[str, float]:
     |unique n-grams| / |n-grams| (see `raylign.algorithms.diversity.distinct_n`)."""
     words = [t.split() for t in texts]
     return {"distinct_1": distinct_n(words, 1), "distinct_2": distinct_n(words, 2)}
+
+
+# ---- agreement with human reference answers -----------------------------------------------------
+
+
+def reference_similarity(generation_embeddings: Any, reference_embeddings: Any,
+                         n_boot: int = DEFAULT_BOOTSTRAP, seed: int = 0) -> dict[str, Any]:
+    """Agreement of generations with human reference answers by embedding cosine similarity.
+
+    For prompt i with generation embedding u_i and human answer embedding v_i:
+      cos_i = u_i·v_i / (‖u_i‖ ‖v_i‖),   mean_cosine = (1/n) Σ_i cos_i   (1 = same meaning/wording)
+    with a bootstrap 95% interval over prompts. As a chance baseline, `mismatched_cosine` is the mean
+    cosine of each generation with the *other* prompts' references, (1/(n(n−1))) Σ_{i≠j} cos(u_i, v_j):
+    what similarity a generation gets from topic and style alone; agreement above it is answer-specific.
+    Zero vectors (e.g. an empty text) have cosine 0 with everything.
+    """
+    u = np.asarray(generation_embeddings, dtype=np.float64)
+    v = np.asarray(reference_embeddings, dtype=np.float64)
+    if u.ndim != 2 or u.shape != v.shape:
+        raise ValueError(f"embeddings must be two [n, d] arrays of one shape, got {u.shape} and {v.shape}")
+    if not (np.all(np.isfinite(u)) and np.all(np.isfinite(v))):
+        raise ValueError("embeddings contain NaN or infinite values")
+
+    def unit(x: np.ndarray) -> np.ndarray:
+        norm = np.linalg.norm(x, axis=1, keepdims=True)
+        return np.divide(x, norm, out=np.zeros_like(x), where=norm > 0)
+
+    sims = unit(u) @ unit(v).T
+    cos = np.clip(np.diag(sims), -1.0, 1.0)
+    n = len(cos)
+    lo, hi = bootstrap_ci(cos, n_boot=n_boot, seed=seed)
+    mismatched = float((sims.sum() - np.trace(sims)) / (n * (n - 1))) if n > 1 else None
+    return {"mean_cosine": float(cos.mean()) if n else float("nan"), "ci_low": lo, "ci_high": hi,
+            "mismatched_cosine": mismatched, "n": int(n), "cosines": [float(c) for c in cos]}

@@ -10,6 +10,12 @@ Sections (each runs when its input is given):
            mean log-likelihood (and, with `bias_generate`, in the VADER sentiment of its generations)
   prompts  generations with Ray Data: length distribution, distinct-1/2, the judge's reward and its
            correlation with length; with a reference, Monte-Carlo KL and win rate against it
+  references  agreement of generations with human answers: mean cosine similarity of sentence
+           embeddings (`builtin:minilm-l6`, mean-pooled, L2-normalised) of each generation and the
+           human answer to the same prompt, bootstrap 95% CI, beside a mismatched-pairs baseline
+  checkpoints  (MODEL_OR_RUN a run directory, with --prompts and a gold reward) reward over-optimisation:
+           proxy and gold reward and √KL to the reference at every checkpoint (Gao et al. 2022);
+           the prompts feed these curves instead of the generation section
 Everything a user can get wrong (files, columns, scorer names) fails before any model is loaded.
 Writes `OUT/eval.json`, `OUT/report.md` and PNG plots next to them.
 """
@@ -42,8 +48,29 @@ def score_in_chunks(scorer: Any, prompts: list[Any], completions: list[str], des
     return out
 
 
+def load_references(path: str, limit: int | None = None) -> list[dict[str, Any]]:
+    """[{prompt, reference}] from a file whose rows carry a human answer to their prompt (DESIGN.md data
+    contracts): pairs {prompt, chosen, rejected} (the human-preferred `chosen` is the reference) or
+    unpaired {prompt, completion, label} (completions labelled true are references; false rows are
+    skipped). Any other kind is one clear error."""
+    from raylign.data import DataError, load_dataset, rows, table_kind
+
+    table = load_dataset(path, None, limit=limit)
+    kind = table_kind(table)
+    if kind == "pairs":
+        return [{"prompt": r["prompt"], "reference": r["chosen"]} for r in rows(table)]
+    if kind == "unpaired":
+        refs = [{"prompt": r["prompt"], "reference": r["completion"]} for r in rows(table) if r["label"]]
+        if not refs:
+            raise DataError(f"{path}: no row has label true, so there is no human reference answer to compare with")
+        return refs
+    raise DataError(f"{path}: --references needs rows with a human answer: pairs {{prompt, chosen, rejected}} "
+                    f"(chosen is the reference) or unpaired {{prompt, completion, label: true}}; this file reads "
+                    f"as '{kind}' data")
+
+
 def _load_inputs(pairs: str | None, ratings: str | None, prompts: str | None, bias: str | None,
-                 limit: int | None) -> dict[str, Any]:
+                 limit: int | None, references: str | None = None) -> dict[str, Any]:
     from raylign.data import load_dataset, rows
     from raylign.evaluation.bias import load_bias_sets
 
@@ -56,6 +83,8 @@ def _load_inputs(pairs: str | None, ratings: str | None, prompts: str | None, bi
         loaded["prompts"] = [r["prompt"] for r in rows(load_dataset(prompts, "prompts", limit=limit))]
     if bias:
         loaded["bias"] = load_bias_sets(bias)
+    if references:
+        loaded["references"] = load_references(references, limit)
     return loaded
 
 
@@ -67,6 +96,11 @@ def run_eval(
     bias: str | None = None,
     prompts: str | None = None,
     reference: str | None = None,
+    references: str | None = None,
+    embedder: str = "builtin:minilm-l6",
+    checkpoints: bool = False,
+    proxy: str | None = None,
+    gold: str | None = None,
     scorer: str = "loglik-mean",
     judge: str = "lexicon:vader",
     beta: float = 0.1,
@@ -89,16 +123,38 @@ def run_eval(
     from raylign.rewards import build_reward_source
 
     console = console or Console()
-    if not any((pairs, ratings, bias, prompts)):
-        raise ConfigError("nothing to evaluate: give at least one of --pairs, --ratings, --bias, --prompts")
+    if not any((pairs, ratings, bias, prompts, references)):
+        raise ConfigError("nothing to evaluate: give at least one of --pairs, --ratings, --bias, --prompts, "
+                          "--references")
     start = time.perf_counter()
-    path, base = resolve_model_or_run(model)
-    reference = reference or (base if scorer == "dpo" else None)
-    inputs = _load_inputs(pairs, ratings, prompts, bias, limit)
-    judge_source = build_reward_source(judge) if (prompts or bias_generate) else None
+    ckpts = None
+    if checkpoints:
+        from raylign.evaluation.overoptimization import proxy_from_run, run_checkpoints
+
+        if not (prompts and gold):
+            raise ConfigError("--checkpoints draws reward over-optimisation curves: it needs --prompts F (held-out "
+                              "prompts) and --gold S (a held-out reward, e.g. lexicon:vader or a reward model dir)")
+        ckpts, ckpt_base, run_cfg = run_checkpoints(model)
+        if not (reference or ckpt_base):
+            raise ConfigError(f"cannot tell {model}'s initial model for the KL: pass --reference M")
+    elif proxy or gold:
+        raise ConfigError("--proxy and --gold go with --checkpoints (curves across a run's checkpoints)")
+    if ckpts is not None and not any((pairs, ratings, bias, references)):
+        path, base = ckpts[-1]["path"], ckpt_base  # only the curves: final/ need not exist
+    else:
+        path, base = resolve_model_or_run(model)
+    reference = reference or (base if (scorer == "dpo" or ckpts is not None) else None)
+    inputs = _load_inputs(pairs, ratings, prompts, bias, limit, references)
+    judge_source = build_reward_source(judge) if ((prompts and ckpts is None) or bias_generate) else None
+    if ckpts is not None:
+        tok = {"tokenizer": reference}  # `length` counts the policy's tokens, as in training
+        gold_source = build_reward_source(gold, **tok)
+        proxy_source = build_reward_source(proxy, **tok) if proxy else proxy_from_run(run_cfg, reference)
     resolve_model_path(path)
     if reference:
         resolve_model_path(reference)
+    if references:
+        resolve_model_path(embedder)
     out_dir = Path(out).expanduser()
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -161,9 +217,26 @@ def run_eval(
                                                             n_boot=n_boot, seed=seed)
         result["bias"]["generations"] = {"judge": judge_source.name, **sentiment}
 
-    if "prompts" in inputs:
+    if ckpts is not None:
+        from raylign.evaluation.overoptimization import overoptimization_curves
+
+        console.print(f"over-optimisation: {len(ckpts)} checkpoint(s) of {model} + the reference {reference}, "
+                      f"{len(inputs['prompts'])} prompts, proxy {proxy_source.name}, gold {gold_source.name}")
+        sec = overoptimization_curves(ckpts, inputs["prompts"], reference, proxy_source, gold_source, gen_kw,
+                                      n_boot=n_boot, seed=seed, progress=progress)
+        result["overoptimization"] = {"run": model, "file": prompts, **sec}
+        for pt in sec["points"]:
+            console.print(f"  {pt['checkpoint']:>12} step {pt['step']:>5}: √KL {pt['sqrt_kl']:.3f}  "
+                          f"proxy {pt['proxy']:.3f}  gold {pt['gold']:.3f}")
+        console.print(f"gold peaks at {sec['gold_peak']['checkpoint']}"
+                      + (" and falls after it while the proxy rises: over-optimised" if sec["overoptimized"] else ""))
+    elif "prompts" in inputs:
         result["generation"] = _generation_section(inputs["prompts"], path, reference, judge_source, gen_kw,
                                                    n_boot, seed, console, prompts)
+
+    if "references" in inputs:
+        result["references"] = _references_section(inputs["references"], path, embedder, gen_kw, n_boot, seed,
+                                                   console, references, progress)
 
     result["seconds"] = time.perf_counter() - start
     write_eval_report(result, out_dir)  # first: it moves the raw lengths out of `result` into a plot
@@ -200,6 +273,29 @@ def _generation_section(prompts: list[Any], path: str, reference: str | None, ju
         section["win_rate"] = metrics.win_rate(rewards, ref_rewards, n_boot=n_boot, seed=seed)
         console.print(f"drift: KL to {reference} {section['kl']['kl']:.3f} nats/completion; win rate "
                       f"{section['win_rate']['win_rate']:.3f} by {judge.name}")
+    return section
+
+
+def _references_section(refs: list[dict[str, Any]], path: str, embedder: str, gen_kw: dict, n_boot: int,
+                        seed: int, console: Console, source: str, progress: bool) -> dict[str, Any]:
+    from raylign.evaluation.embeddings import SentenceEmbedder
+    from raylign.evaluation.generate import generate_with_ray_data
+
+    prompts = [r["prompt"] for r in refs]
+    gen = generate_with_ray_data(prompts, path, **gen_kw)
+    emb = SentenceEmbedder(embedder)
+    u = emb.embed(gen["completions"], progress=progress, desc="embedding generations")
+    v = emb.embed([r["reference"] for r in refs], progress=progress, desc="embedding references")
+    sim = metrics.reference_similarity(u, v, n_boot=n_boot, seed=seed)
+    cosines = sim.pop("cosines")
+    section = {"file": source, "embedder": embedder, **sim,
+               "samples": [{"prompt": r["prompt"], "generation": g, "reference": r["reference"], "cosine": c}
+                           for r, g, c in zip(refs[:5], gen["completions"][:5], cosines[:5], strict=False)],
+               "_cosines": cosines}
+    base = _num(sim["mismatched_cosine"])
+    console.print(f"agreement with human references: mean cosine {sim['mean_cosine']:.3f} "
+                  f"{_ci(sim['ci_low'], sim['ci_high'])} on {sim['n']} prompts by {embedder} "
+                  f"(mismatched pairs: {base})")
     return section
 
 
@@ -279,6 +375,38 @@ def write_eval_report(result: dict[str, Any], out_dir: Path) -> Path:
             lines.append(f"| win rate vs reference (ties ½) | {w['win_rate']:.3f} {_ci(w['ci_low'], w['ci_high'])} |")
         histogram(out_dir / "lengths.png", "Response length", g.pop("_lengths"), "tokens")
         lines += ["", "![lengths](lengths.png)", ""]
+    if "overoptimization" in result:
+        from raylign.evaluation.overoptimization import plot_curves
+
+        o = result["overoptimization"]
+        lines += ["## Reward over-optimisation across checkpoints", "",
+                  f"Proxy reward `{o['proxy']}` (trained on) and gold reward `{o['gold']}` (held out) of one "
+                  f"sample per prompt on {o['prompts']} prompts, against √KL to the reference `{o['reference']}` "
+                  "(Gao et al. 2022). Gold rising with proxy is real progress; proxy rising while gold falls is "
+                  "the policy exploiting the proxy.", "",
+                  "| checkpoint | step | KL (nats) | √KL | proxy | 95% CI | gold | 95% CI |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for pt in o["points"]:
+            lines.append(f"| {pt['checkpoint']} | {pt['step']} | {pt['kl']:.3f} | {pt['sqrt_kl']:.3f} | "
+                         f"{pt['proxy']:.3f} | {_ci(*pt['proxy_ci'])} | {pt['gold']:.3f} | {_ci(*pt['gold_ci'])} |")
+        lines += ["", f"Gold peaks at `{o['gold_peak']['checkpoint']}` (step {o['gold_peak']['step']})"
+                  + ("; after it the proxy still rises while gold falls: **over-optimised**." if o["overoptimized"]
+                     else "."), ""]
+        plot_curves(out_dir / "overoptimization.png", o)
+        lines += ["![over-optimisation](overoptimization.png)", ""]
+    if "references" in result:
+        r = result["references"]
+        lines += ["## Agreement with human reference answers", "",
+                  f"Cosine similarity of sentence embeddings (`{r['embedder']}`: mean-pooled, L2-normalised) of "
+                  "the model's generation and the human answer to the same prompt, with a bootstrap 95% interval. "
+                  "The mismatched baseline pairs each generation with the other prompts' answers: similarity "
+                  "from topic and style alone.", "",
+                  "| prompts | mean cosine | 95% CI | mismatched baseline |", "|---|---|---|---|",
+                  f"| {r['n']} | {r['mean_cosine']:.3f} | {_ci(r['ci_low'], r['ci_high'])} | "
+                  f"{_num(r['mismatched_cosine'])} |"]
+        histogram(out_dir / "reference_similarity.png", "Generation vs human answer: cosine similarity",
+                  r.pop("_cosines"), "cosine")
+        lines += ["", "![reference similarity](reference_similarity.png)", ""]
     path = out_dir / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
