@@ -127,3 +127,14 @@ def test_priority_gate_holds_lower_priority_task_back(tmp_path, task_files):
     assert all(r["train/imitation/weight"] == 0.0 for r in train if r["train/imitation/active"] == 0.0)
     # uncertainty weights move away from 1 as the log-variances learn
     assert train[-1]["train/preference/weight"] != pytest.approx(1.0, abs=1e-3)
+
+
+def test_two_learners_take_the_same_steps_as_one(tmp_path, task_files):
+    """Per-task gradients are all-reduced before PCGrad combines them: 2 learners = 1 big batch."""
+    out = {}
+    for n in (1, 2):
+        _, rows = _run(tmp_path, task_files, f"learners{n}", "multitask.tasks.rating=null", "train.batch_size=16",
+                       "train.max_steps=3", "multitask.weighting=pcgrad", f"resources.learners={n}",
+                       "resources.cpus_per_learner=0.5")
+        out[n] = [_at(rows, 3)[f"eval/{t}/loss"] for t in ("imitation", "preference")]
+    assert out[2] == pytest.approx(out[1], rel=1e-4)
