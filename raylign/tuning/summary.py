@@ -88,8 +88,12 @@ def load_summary(sweep_dir: str | Path, metric: str | None = None) -> SweepSumma
         iterations = int(df["training_iteration"].max()) if df is not None and len(df) else 0
         values = [v for _, v in history]
         best = (max(values) if mode == "max" else min(values)) if values else None
+        # A servable model: the run's final/ or, for a trial stopped early, its last checkpoint's model/.
         final = Path(trial.path) / RUN_SUBDIR / "final"
-        ckpt = str(final) if final.is_dir() else (trial.checkpoint.path if trial.checkpoint else None)
+        ckpt = str(final) if final.is_dir() else None
+        if ckpt is None and trial.checkpoint is not None:
+            model_dir = Path(trial.checkpoint.path) / "model"
+            ckpt = str(model_dir) if model_dir.is_dir() else trial.checkpoint.path
         rows.append(TrialRow(trial.trial_id, {k: trial.config.get(k) for k in params}, trial.status, iterations,
                              values[-1] if values else None, best, history, trial.path, ckpt))
     sign = -1.0 if mode == "max" else 1.0
