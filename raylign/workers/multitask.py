@@ -16,6 +16,7 @@ Tasks:
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -250,8 +251,6 @@ class MultiTaskLearner(LearnerWorker):
         rating = mean + std · head(h_last)."""
         if not len(self.heads):
             return
-        import json
-
         out.mkdir(parents=True, exist_ok=True)
         save_file({k: v.detach().cpu().contiguous() for k, v in self.heads.state_dict().items()},
                   str(out / "heads.safetensors"))
@@ -264,3 +263,41 @@ class MultiTaskLearner(LearnerWorker):
         super().save_final(path)
         if self.rank == 0:
             self._save_heads(Path(path) / RATING_HEADS_DIR)
+            for name in self.heads:
+                if self.tasks[name].head == "regression":
+                    self._save_rating_scorer(Path(path), name)
+
+    def _save_rating_scorer(self, final: Path, name: str) -> None:
+        """`final/rating_heads/<task>/`: a reward-model directory (`ScalarHeadModel` format) that scores
+        any text in rating units, so the rating head can score generations wherever a reward model is
+        accepted (`reward.sources`, `raylign eval --scorer`, `raylign serve --reward-model`).
+
+        The head sits on the last hidden state (after the final norm), which is what the backbone alone
+        (`AutoModel`) returns, so the backbone is the run's final model: its files are linked, not
+        copied. Standardisation is folded in: rating = std · (w·h + b) + mean.
+        """
+        import os
+        import shutil
+
+        from raylign.models.heads import HEAD_CONFIG, HEAD_WEIGHTS
+
+        if (final / "adapter_config.json").exists():
+            return  # an unmerged LoRA adapter is no backbone directory
+        out = final / RATING_HEADS_DIR / name
+        out.mkdir(parents=True, exist_ok=True)
+        for item in final.iterdir():
+            if item.is_file():
+                target = out / item.name
+                if item.suffix in (".safetensors", ".bin"):
+                    if not target.exists():
+                        os.symlink(os.path.relpath(item, out), target)
+                else:
+                    shutil.copy2(item, target)
+        mean, std = self.rating_stats.get(name, (0.0, 1.0))
+        head = self.heads[name]
+        weight = (head.weight.detach().float() * std).cpu().contiguous()
+        bias = (head.bias.detach().float() * std + mean).cpu().contiguous()
+        save_file({"weight": weight, "bias": bias}, str(out / HEAD_WEIGHTS))
+        record = {"kind": "scalar_head", "hidden_size": head.in_features, "format": 1,
+                  "source": f"multitask rating task '{name}'", "rating_mean": mean, "rating_std": std}
+        (out / HEAD_CONFIG).write_text(json.dumps(record, indent=2) + "\n")

@@ -87,6 +87,13 @@ def test_multitask_improves_every_task(tmp_path, task_files):
     assert "train/grad_cos/preference~rating" in step5
     final = Path(result.run_dir) / "final"
     assert (final / "config.json").exists() and (final / "rating_heads" / "heads.safetensors").exists()
+    # the rating head scores any text in rating units, as a reward model directory
+    from raylign.models import load_scalar_model
+
+    scorer, tok = load_scalar_model(str(final / "rating_heads" / "rating"))
+    enc = tok(["I think the park is wonderful.", "I feel the music is terrible."], return_tensors="pt", padding=True)
+    cheerful, gloomy = scorer(**enc).logits[:, 0].tolist()
+    assert cheerful > 1.5 and gloomy < -1.5, (cheerful, gloomy)
 
     # --resume continues from the step-10 checkpoint and reproduces the same step-20 result
     _, again = _run(tmp_path, task_files, "mt", "train.max_steps=20", "train.eval_every=10",
