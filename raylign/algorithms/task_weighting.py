@@ -212,12 +212,12 @@ class TaskWeighting:
             combined = weighted_sum(vecs, [weights[i] for i in live])
         if self.log_vars is not None:
             # L = Σ λ_i (exp(−s_i) L_i + s_i)  ->  ∂L/∂s_i = λ_i (1 − exp(−s_i) L_i)
-            grad = self.static * (1.0 - torch.exp(-self.log_vars.detach()) * losses.detach().float())
+            grad = self.static * (1.0 - torch.exp(-self.log_vars.detach()) * losses.detach().float().cpu())
             grad[~active_t] = 0.0
             self.log_vars.grad = grad
         if self.gradnorm is not None:
-            norms = torch.stack([g.norm() if g is not None else torch.tensor(0.0) for g in grads]).float()
-            self.gradnorm.update(norms, losses, active_t)
+            norms = torch.stack([g.norm().float().cpu() if g is not None else torch.tensor(0.0) for g in grads])
+            self.gradnorm.update(norms, losses.detach().float().cpu(), active_t)
         return combined, weights
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -139,8 +139,12 @@ class MultiTaskLearner(LearnerWorker):
 
     # ---- training ------------------------------------------------------------------------------
     def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks (NCCL needs the tensor on the GPU; the result comes back where it was)."""
         if self.world_size > 1:
-            dist.all_reduce(t)
+            moved = t.to(self.device)
+            dist.all_reduce(moved)
+            if moved is not t:
+                t.copy_(moved)
         return t
 
     def multitask_train_step(self, shards: dict[str, dict[str, np.ndarray]], units: dict[str, float],
