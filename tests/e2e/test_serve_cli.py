@@ -4,11 +4,12 @@ that works as printed, serves until Ctrl-C, then shuts Serve and Ray down and ex
 from __future__ import annotations
 
 import os
-import selectors
+import queue
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -22,23 +23,42 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _read_until(proc: subprocess.Popen, marker: str, timeout_s: float) -> list[str]:
-    lines: list[str] = []
-    selector = selectors.DefaultSelector()
-    selector.register(proc.stdout, selectors.EVENT_READ)
+def _line_reader(proc: subprocess.Popen) -> queue.Queue:
+    """The process's output lines, read by a thread (selecting on the pipe would miss lines that
+    Python's buffered reader already pulled in with an earlier one); None marks the end."""
+    lines: queue.Queue = queue.Queue()
+
+    def pump() -> None:
+        for line in proc.stdout:
+            lines.put(line.rstrip("\n"))
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    return lines
+
+
+def _read_until(lines: queue.Queue, marker: str, timeout_s: float) -> list[str]:
+    seen: list[str] = []
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if not selector.select(timeout=1):
-            if proc.poll() is not None:
-                break
-            continue
-        line = proc.stdout.readline()
-        if not line:
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            line = lines.get(timeout=left)
+        except queue.Empty:
             break
-        lines.append(line.rstrip("\n"))
+        if line is None:
+            break
+        seen.append(line)
         if marker in line:
-            return lines
-    raise AssertionError(f"no {marker!r} from raylign serve; output:\n" + "\n".join(lines))
+            return seen
+    raise AssertionError(f"no {marker!r} from raylign serve; output:\n" + "\n".join(seen))
+
+
+def _drain(lines: queue.Queue) -> list[str]:
+    """Every line left, up to the end marker (the process has exited)."""
+    out = []
+    while (line := lines.get(timeout=30)) is not None:
+        out.append(line)
+    return out
 
 
 def test_raylign_serve_prints_a_working_curl_and_stops_on_ctrl_c():
@@ -50,7 +70,8 @@ def test_raylign_serve_prints_a_working_curl_and_stops_on_ctrl_c():
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )
     try:
-        lines = _read_until(proc, "Ctrl-C to stop.", timeout_s=240)
+        output = _line_reader(proc)
+        lines = _read_until(output, "Ctrl-C to stop.", timeout_s=240)
         text = "\n".join(lines)
         assert f"raylign: serving tiny:llama at http://127.0.0.1:{port}/v1" in text
         assert "requests need 'Authorization: Bearer <key>'" in text  # the key came from $RAYLIGN_API_KEY
@@ -66,11 +87,12 @@ def test_raylign_serve_prints_a_working_curl_and_stops_on_ctrl_c():
     finally:
         proc.send_signal(signal.SIGINT)
         try:
-            rest, _ = proc.communicate(timeout=90)
+            proc.wait(timeout=90)
         except subprocess.TimeoutExpired:
             proc.kill()
-            rest, _ = proc.communicate()
-            pytest.fail("raylign serve did not stop within 90 s of Ctrl-C:\n" + rest)
+            proc.wait()
+            pytest.fail("raylign serve did not stop within 90 s of Ctrl-C")
+        rest = "\n".join(_drain(output))
     assert proc.returncode == 0, rest
     assert "raylign: shutting down" in rest and "raylign: stopped." in rest
     with socket.socket() as sock:  # the proxy is gone: the port is free again
