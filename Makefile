@@ -19,7 +19,7 @@ quickstart: install
 	$(BIN)/raylign quickstart
 
 test: install
-	$(BIN)/python -m pytest -m "not slow" -q
+	$(BIN)/python -m pytest -m "not slow" -q --durations=15
 
 test-slow: install
 	$(BIN)/python -m pytest -m slow -q -s

@@ -15,6 +15,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from raylign.cli import main
 from raylign.tuning.summary import load_summary
 from tests.conftest import synthetic_pairs, write_jsonl
@@ -51,6 +53,7 @@ def _reported(sweep: Path) -> bool:
     return any(p.stat().st_size > 0 for p in sweep.glob("trial_*/result.json"))
 
 
+@pytest.mark.slow  # ~2 minutes: four trials, each with its own learner actor; run by `make test-slow`
 def test_tune_multitask_weights_asha_interrupt_resume_summarize(tmp_path, capsys, ray_session):
     address = ray_session.get_runtime_context().gcs_address
     data = tmp_path / "data"
