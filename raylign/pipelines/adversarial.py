@@ -56,10 +56,10 @@ class AdversarialGame:
         self.tokenizer = None
 
     # ---- before Ray ----------------------------------------------------------------------------
-    def prepare(self, train_rows, console: Console) -> None:
+    def prepare(self, train_rows, tokenizer, console: Console) -> None:
         """Check and load the human side: every error here is the user's to fix, before any actor starts."""
         from raylign.data import load_dataset
-        from raylign.models import ModelNotFoundError, load_tokenizer, resolve_model_path
+        from raylign.models import ModelNotFoundError, resolve_model_path
 
         if self.adv.per_prefix and self.adv.generator in ("grpo", "rloo"):
             raise ConfigError("adversarial.per_prefix gives per-token rewards: set adversarial.generator to ppo "
@@ -82,7 +82,7 @@ class AdversarialGame:
             resolve_model_path(self.adv.discriminator)
         except ModelNotFoundError as exc:
             raise ConfigError(f"adversarial.discriminator={self.adv.discriminator}: {exc}") from None
-        self.tokenizer = load_tokenizer(self.config.model.path)
+        self.tokenizer = tokenizer  # the policy's, already loaded by run_online
         console.print(f"discriminator {self.adv.discriminator} on {len(self.human_texts)} human texts"
                       f"{' (answers to the same prompts)' if self.conditioned else ''}; generator "
                       f"{self.adv.generator}, reward {self.adv.generator_reward}")

@@ -375,7 +375,7 @@ def run_online(config: RunConfig, resume: bool = False, console: Console | None 
     held_out = held_out[: rl.eval_prompts]
     check_online_config(config, len(train))
     if game is not None:
-        game.prepare(train_table.take(kept), console)
+        game.prepare(train_table.take(kept), tokenizer, console)
     per_step = ro.prompts_per_step * ro.n_samples
     minibatches = per_step // t.batch_size
     total_steps = t.max_steps or t.epochs * (len(train) // ro.prompts_per_step)

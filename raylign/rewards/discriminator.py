@@ -104,16 +104,22 @@ class Discriminator(RewardModelSource):
         fresh = len(completions) if fresh is None else fresh
         human = [self.encode(p, t) for p, t in zip(human_prompts, human_texts, strict=True)]
         policy = [self.encode(p, c) for p, c in zip(prompts, completions, strict=True)]
-        with torch.no_grad():
-            h0, p0 = self._logits(human)[0], self._logits(policy)[0]
-        metrics = discriminator_metrics(h0, p0[:fresh])
-        metrics["loss"] = discriminator_loss(h0, p0, self.label_smoothing).item()
+
+        def forward() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+            h, penalty = self._logits(human, penalty=self.gp_weight > 0)
+            return h, self._logits(policy)[0], penalty
+
+        # The first update's forward pass is also the measurement of the D before the update.
+        h, p, penalty = forward()
+        metrics = discriminator_metrics(h.detach(), p.detach()[:fresh])
+        metrics["loss"] = discriminator_loss(h.detach(), p.detach(), self.label_smoothing).item()
         accuracy = (metrics["accuracy_human"] + metrics["accuracy_policy"]) / 2
         paused = accuracy > max_accuracy
-        for _ in range(0 if paused else steps):
+        for step in range(0 if paused else steps):
+            if step:
+                h, p, penalty = forward()
             self.optimizer.zero_grad(set_to_none=True)
-            h, penalty = self._logits(human, penalty=self.gp_weight > 0)
-            loss = discriminator_loss(h, self._logits(policy)[0], self.label_smoothing)
+            loss = discriminator_loss(h, p, self.label_smoothing)
             if penalty is not None:
                 loss = loss + self.gp_weight * penalty
                 metrics["gradient_penalty"] = penalty.item()
