@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -39,3 +40,9 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def cache_argument(model: Any) -> str:
+    """The forward argument that takes the KV cache: `cache` in recent transformers, `past_key_values`
+    before (and in models with their own forward)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

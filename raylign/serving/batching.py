@@ -1,4 +1,4 @@
-"""The asyncio side of a batch: run `Engine.generate` for a batch of jobs in a worker thread and hand
+"""The asyncio side of a batch: submit a batch of jobs to the engine's running decode loop and hand
 each job its rows' updates as they come.
 
 `stream_batch` has the shape `@serve.batch` expects of a streaming batch handler: an async generator
@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import Executor
 from typing import Any
 
 from raylign.serving.engine import BatchResult, Engine, Job, RowUpdate
@@ -21,7 +20,7 @@ from raylign.serving.engine import BatchResult, Engine, Job, RowUpdate
 _DONE = object()
 
 
-async def stream_batch(engine: Engine, jobs: Sequence[Job], executor: Executor | None = None,
+async def stream_batch(engine: Engine, jobs: Sequence[Job],
                        on_done: Callable[[Sequence[Job], BatchResult], None] | None = None
                        ) -> AsyncIterator[list[Any]]:
     """Yield, per step, `[updates or StopIteration for each job]` until the batch is done.
@@ -36,7 +35,7 @@ async def stream_batch(engine: Engine, jobs: Sequence[Job], executor: Executor |
     def emit(updates: dict[int, list[RowUpdate]]) -> None:  # called in the generation thread
         loop.call_soon_threadsafe(queue.put_nowait, updates)
 
-    future = loop.run_in_executor(executor, engine.generate, jobs, emit)
+    future = asyncio.wrap_future(engine.submit(jobs, emit), loop=loop)
     future.add_done_callback(lambda _: queue.put_nowait(_DONE))  # done callbacks run on the loop
     open_rows = [job.rows for job in jobs]
     done = False
@@ -69,7 +68,7 @@ async def stream_batch(engine: Engine, jobs: Sequence[Job], executor: Executor |
 def describe_batch(jobs: Sequence[Job], result: BatchResult) -> str:
     """The log line of one batch; tests and operators read batch sizes from it."""
     return (f"raylign batch: requests={len(jobs)} rows={sum(j.rows for j in jobs)} steps={result.steps} "
-            f"seconds={result.seconds:.3f}")
+            f"seconds={result.seconds:.3f} peak_rows={result.peak_rows}")
 
 
 def log_batch(logger: logging.Logger) -> Callable[[Sequence[Job], BatchResult], None]:

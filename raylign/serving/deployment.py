@@ -6,10 +6,12 @@ app of `api.py`, with `@serve.batch` grouping concurrent requests into shared fo
                                                               # with a config YAML (cluster/serve.yaml)
 
 Batching: `_generate_batch` is a streaming `@serve.batch` handler whose batch size is counted in rows
-(prompts x n), up to `max_batch_size`, waiting at most `batch_wait_ms` for a batch to fill. Each batch
-is one `Engine.generate` call in a worker thread, so the replica's event loop keeps accepting (and
-batching) requests meanwhile; every batch logs one `raylign batch: requests=.. rows=..` line to the
-replica's Serve log. `/v1/score` batches the same way.
+(prompts x n), up to `max_batch_size`, waiting at most `batch_wait_ms` for a batch to fill. Batches do
+not wait for each other: each is submitted to the engine's decode thread, where it joins the rows
+already being decoded (continuous batching, up to `max_batch_size` rows in all; see `engine.py`), so
+the replica's event loop keeps accepting requests meanwhile. Every batch logs one
+`raylign batch: requests=.. rows=.. peak_rows=..` line to the replica's Serve log. `/v1/score`
+batches the same way, one batch at a time.
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ from raylign.serving.settings import ServeSettings
 
 DEPLOYMENT_NAME = "raylign"
 APP_NAME = "raylign"
-logger = logging.getLogger("ray.serve")  # Serve writes this logger to the replica's log file
+logger = logging.getLogger("ray.serve")
+# Generation batches in flight at once per replica (their rows are capped by the engine's max_rows).
+CONCURRENT_BATCHES = 64  # Serve writes this logger to the replica's log file
 
 
 def _rows(jobs: list[Job]) -> int:
@@ -61,7 +65,8 @@ class RaylignServer:
         device = "cuda" if assigned.get("GPU", 0) > 0 and torch.cuda.is_available() else "cpu"
         self.engine = Engine(self.settings.model, dtype=self.settings.dtype,
                              trust_remote_code=self.settings.trust_remote_code,
-                             merge_lora=self.settings.merge_lora, device=device)
+                             merge_lora=self.settings.merge_lora, device=device,
+                             max_rows=self.settings.max_batch_size)
         self.scorer = None
         self.reward_name = None
         if self.settings.reward_model:
@@ -70,8 +75,7 @@ class RaylignServer:
             self.scorer = build_reward_source(self.settings.reward_model, device=device,
                                               trust_remote_code=self.settings.trust_remote_code)
             self.reward_name = self.settings.reward_name
-        # One thread each: generation batches run one at a time, scoring beside them.
-        self.generation_thread = ThreadPoolExecutor(1, thread_name_prefix="raylign-generate")
+        # Generation runs on the engine's own decode thread; scoring beside it on this one.
         self.scoring_thread = ThreadPoolExecutor(1, thread_name_prefix="raylign-score")
         wait_s = self.settings.batch_wait_ms / 1000
         for method in (self._generate_batch, self._score_batch):
@@ -93,9 +97,11 @@ class RaylignServer:
     async def score(self, prompts: list[Any], completions: list[str]) -> list[float]:
         return await self._score_batch((prompts, completions))
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, batch_size_fn=_rows)
+    # Batches run concurrently: each joins the engine's running batch as soon as there is room.
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, batch_size_fn=_rows,
+                 max_concurrent_batches=CONCURRENT_BATCHES)
     async def _generate_batch(self, jobs: list[Job]) -> AsyncIterator[list[Any]]:
-        async for out in stream_batch(self.engine, jobs, self.generation_thread, self._log_batch):
+        async for out in stream_batch(self.engine, jobs, self._log_batch):
             yield out
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, batch_size_fn=_pairs)

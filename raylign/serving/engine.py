@@ -1,18 +1,26 @@
-"""Batched generation for serving: many requests, each with its own sampling settings, in one
-`model.generate` call, with per-row streaming of text.
+"""Continuous batching for serving: many requests, each with its own sampling settings, decoded
+together one token per step, with requests joining and leaving the running batch between steps.
 
-One call of `Engine.generate` runs a single transformers `generate` (KV cache, left padding) over
-every row of every request in a batch (a row = one prompt x one of its `n` choices). What differs
-between rows is handled per row, so requests with different settings still share each forward pass:
+`Engine.submit(jobs, emit)` hands a group of requests (one `@serve.batch` batch: an *admission*) to
+the engine's decode thread, which runs one KV-cache decode loop over every live row of every admitted
+request (a row = one prompt x one of its `n` choices):
 
-* sampling - `RowSampler`, a logits processor, draws each row's token from that row's distribution
-  (temperature, top-p) with that row's own `torch.Generator` (seeded from the request's `seed`, else
-  at random), or takes the argmax for temperature 0, and hands transformers a one-hot score, so
-  `generate` itself runs greedy. A row's draw depends only on its own logits and generator.
-* stopping - `RowProgress`, a stopping criterion, ends each row on EOS, on its own `max_tokens`, on
-  one of its `stop` strings (cut from the text, as OpenAI does), or when its request was cancelled
-  (timeout, client gone); `generate` stops once every row has.
-* streaming - after every step `RowProgress` reports each row's new text to `emit`, holding back text
+* admission - between two steps, waiting admissions join as long as the running batch stays within
+  `max_rows` rows: their prompts are prefilled (one forward pass per admission) and their KV caches
+  merged into the running one (left-padded to a common length), so a request never waits for the
+  batch ahead of it to finish (Yu et al. 2022, "Orca", iteration-level scheduling). Rows that
+  finished leave the batch after the step that ended them, and cache columns no live row uses are cut.
+* prefix sharing - prompts of one admission usually share a long head (a chat template's system
+  prompt); its KV is computed once, kept for the next admissions with the same head, and only the rest
+  of each prompt is prefilled (the idea of vLLM's automatic prefix caching). The cache is laid out
+  [shared head | padding | own tail]: positions come from the attention mask, so the padding in the
+  middle changes nothing but the work.
+* sampling - `RowSampler` draws each row's token from that row's distribution (temperature, top-p)
+  with that row's own `torch.Generator` (seeded from the request's `seed`, else at random), or takes
+  the argmax for temperature 0. A row's draw depends only on its own logits and generator.
+* stopping - `RowProgress` ends each row on EOS, on its own `max_tokens`, on one of its `stop`
+  strings (cut from the text, as OpenAI does), or when its request was cancelled (timeout, client gone).
+* streaming - after every step each admission's `emit` gets its rows' new text, holding back text
   that may still turn out to be the start of a stop string or an incomplete UTF-8 character.
 
 The engine is plain torch/transformers (no Ray); `raylign.serving.deployment` wraps it in Serve.
@@ -20,23 +28,22 @@ The engine is plain torch/transformers (no Ray); `raylign.serving.deployment` wr
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria
+from transformers import DynamicCache, LogitsProcessor
+
+from raylign.models.hf import cache_argument
 
 log = logging.getLogger(__name__)
-
-# Settings that would change the logits before RowSampler sees them; kept neutral so a model's own
-# generation_config cannot slip them in.
-_NEUTRAL_PROCESSORS = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_new_tokens": 0}
-
 
 # Temperatures below this sample the argmax (dividing logits by them overflows float32).
 GREEDY_BELOW = 1e-4
@@ -135,45 +142,41 @@ def one_hot_scores(tokens: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return out
 
 
-class _Row:
-    __slots__ = ("job", "index", "max_tokens", "stops", "stream", "tokens", "text", "sent", "finish")
 
-    def __init__(self, job: int, index: int, max_tokens: int, stops: tuple[str, ...], stream: bool):
+
+class _Row:
+    __slots__ = ("admission", "job", "index", "prompt", "max_tokens", "stops", "stream", "temperature", "top_p",
+                 "generator", "tokens", "text", "sent", "finish")
+
+    def __init__(self, job: int, index: int, max_tokens: int, stops: tuple[str, ...], stream: bool,
+                 prompt: Sequence[int] = (), temperature: float = 0.0, top_p: float = 1.0,
+                 generator: torch.Generator | None = None, admission: Any = None):
         self.job, self.index, self.max_tokens, self.stops, self.stream = job, index, max_tokens, stops, stream
+        self.prompt, self.temperature, self.top_p, self.generator = list(prompt), temperature, top_p, generator
+        self.admission = admission
         self.tokens: list[int] = []
         self.text = ""  # decoded so far (cut at a stop string once one is found)
         self.sent = ""  # streamed so far, always a prefix of the final text
         self.finish: str | None = None
 
 
-class RowProgress(StoppingCriteria):
-    """Tracks every row after each step: its tokens, text, whether and why it finished, and what
-    text it may stream. Returns the rows that are done, so `generate` pads them from then on."""
+class RowProgress:
+    """Advances a row by one sampled token: its tokens, its text, whether and why it finished, and the
+    text it may stream so far."""
 
-    def __init__(self, rows: list[_Row], jobs: Sequence[Job], eos_ids: set[int], decode: Callable[[list[int]], str],
-                 emit: Emit | None):
-        self.rows, self.jobs, self.eos_ids, self.decode, self.emit = rows, jobs, eos_ids, decode, emit
-        self.steps = 0
+    def __init__(self, eos_ids: set[int], decode: Callable[[list[int]], str]):
+        self.eos_ids, self.decode = eos_ids, decode
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
-        self.steps += 1
-        last = input_ids[:, -1].tolist()
-        updates: dict[int, list[RowUpdate]] = {}
-        for row, token in zip(self.rows, last, strict=True):
-            if row.finish is not None:
-                continue
-            row.tokens.append(token)
-            self._advance(row, token)
-            if row.stream or row.finish is not None:
-                update = self.pending_update(row)
-                if update is not None:
-                    updates.setdefault(row.job, []).append(update)
-        if self.emit is not None and updates:
-            self.emit(updates)
-        return torch.tensor([row.finish is not None for row in self.rows], dtype=torch.bool, device=input_ids.device)
+    def advance(self, row: _Row, token: int, cancelled: bool) -> RowUpdate | None:
+        """Take `token` into `row`; the row's update to stream or to end it, if any."""
+        row.tokens.append(token)
+        self._advance(row, token, cancelled)
+        if row.stream or row.finish is not None:
+            return self.pending_update(row)
+        return None
 
-    def _advance(self, row: _Row, token: int) -> None:
-        if self.jobs[row.job].cancelled.is_set():
+    def _advance(self, row: _Row, token: int, cancelled: bool) -> None:
+        if cancelled:
             row.finish = "cancelled"
             return
         if token in self.eos_ids:
@@ -211,18 +214,71 @@ class RowProgress(StoppingCriteria):
 
 @dataclass
 class BatchResult:
-    """Per job, per row: (text, completion tokens, finish reason); plus batch statistics."""
+    """One admission's outcome. Per job, per row: (text, completion tokens, finish reason); `steps`:
+    decode steps it had live rows in; `peak_rows`: the most rows (of every admission) one of those
+    steps decoded together."""
 
     rows: list[list[tuple[str, int, str]]]
     steps: int
     seconds: float
+    peak_rows: int = 0
+
+
+@dataclass
+class _Admission:
+    jobs: Sequence[Job]
+    emit: Emit | None
+    future: concurrent.futures.Future
+    rows: list[_Row] = field(default_factory=list)
+    open_rows: int = 0
+    steps: int = 0
+    peak_rows: int = 0
+    start: float = field(default_factory=time.perf_counter)
+
+    def result(self) -> BatchResult:
+        out: list[list[tuple[str, int, str]]] = [[] for _ in self.jobs]
+        for row in self.rows:
+            out[row.job].append((row.text, len(row.tokens), row.finish))
+        return BatchResult(out, self.steps, time.perf_counter() - self.start, self.peak_rows)
+
+
+# A shared prompt head shorter than this is prefilled with each row (sharing it would save too little).
+MIN_SHARED_PREFIX = 8
+
+
+
+def common_prefix(seqs: Sequence[Sequence[int]]) -> int:
+    """Length of the longest head every sequence starts with."""
+    n = min(len(s) for s in seqs)
+    first = seqs[0]
+    for i in range(n):
+        t = first[i]
+        if any(s[i] != t for s in seqs):
+            return i
+    return n
+
+
+KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [rows, heads, length, head dim]
+
+
+def cache_tensors(cache: DynamicCache) -> KV:
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def left_pad(kv: KV, mask: torch.Tensor, length: int) -> tuple[KV, torch.Tensor]:
+    """The cache and mask padded on the left (masked zeros) to `length` columns."""
+    extra = length - mask.shape[1]
+    if extra == 0:
+        return kv, mask
+    pad = lambda t: torch.nn.functional.pad(t, (0, 0, extra, 0))  # noqa: E731 - dim -2 of [B, H, L, D]
+    return [(pad(k), pad(v)) for k, v in kv], torch.nn.functional.pad(mask, (extra, 0))
 
 
 class Engine:
-    """A causal LM and its tokenizer, ready for batched, per-row-configured generation."""
+    """A causal LM and its tokenizer, decoding every submitted request in one continuous batch."""
 
     def __init__(self, model: str, dtype: str = "float32", trust_remote_code: bool = False,
-                 merge_lora: bool = True, device: str | None = None):
+                 merge_lora: bool = True, device: str | None = None, max_rows: int = 32):
         from raylign.config import ModelConfig
         from raylign.models import is_peft_model, load_causal_lm
 
@@ -233,11 +289,27 @@ class Engine:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = net.to(self.device).eval().requires_grad_(False)
         self.tokenizer.padding_side = "left"  # generation continues from the right edge of every row
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.eos_ids = self._eos_ids()
         config = getattr(self.model, "config", None)
         self.context_length = int(getattr(config, "max_position_embeddings", None)
                                   or getattr(config, "n_positions", None) or self.tokenizer.model_max_length)
+        self.max_rows = max_rows
+        self._progress = RowProgress(self.eos_ids, self.decode)
+        self._cache_arg = cache_argument(self.model)
         self._entropy = np.random.default_rng()
+        self._threads = torch.get_num_threads()
+        # Shared with submitters (under _lock): admissions waiting to join the running batch.
+        self._lock = threading.Condition()
+        self._waiting: deque[_Admission] = deque()
+        self._thread: threading.Thread | None = None
+        # Owned by the decode thread: the running batch.
+        self._rows: list[_Row] = []
+        self._cache: DynamicCache | None = None
+        self._mask: torch.Tensor | None = None  # [rows, length], 1 = a real token
+        self._logits: torch.Tensor | None = None  # [rows, vocab], the next token's
+        self._sampler: RowSampler | None = None
+        self._prefix: tuple[list[int], KV] | None = None  # the last shared prompt head and its KV
 
     def _eos_ids(self) -> set[int]:
         ids = {self.tokenizer.eos_token_id}
@@ -259,47 +331,173 @@ class Engine:
     def decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
-    # ---- generation ----------------------------------------------------------------------------
-    @torch.inference_mode()
-    def generate(self, jobs: Sequence[Job], emit: Emit | None = None) -> BatchResult:
-        """Generate every row of every job in one batched `generate` call (see the module docstring)."""
-        start = time.perf_counter()
-        rows: list[_Row] = []
-        prompts: list[list[int]] = []
-        temperatures: list[float] = []
-        top_ps: list[float] = []
-        generators: list[torch.Generator | None] = []
+    # ---- requests ------------------------------------------------------------------------------
+    def submit(self, jobs: Sequence[Job], emit: Emit | None = None) -> concurrent.futures.Future:
+        """Queue `jobs` to join the running batch; the future's result is their `BatchResult` (or the
+        exception their prefill or a shared step raised). `emit` is called from the decode thread
+        after every step with `{job index: updates}` of the jobs' rows."""
+        admission = _Admission(jobs, emit, concurrent.futures.Future())
         for j, job in enumerate(jobs):
             s = job.sampling
             base_seed = s.seed if s.seed is not None else int(self._entropy.integers(2**62))
             for r in range(job.rows):
-                rows.append(_Row(j, r, s.max_tokens, s.stop, job.stream))
-                prompts.append(job.prompt_ids[r // job.n])
-                temperatures.append(s.temperature)
-                top_ps.append(s.top_p)
-                generators.append(None if s.temperature < GREEDY_BELOW else
-                                  torch.Generator().manual_seed(row_seed(base_seed, r)))
-        enc = self.tokenizer.pad({"input_ids": prompts}, padding=True, return_tensors="pt")
-        progress = RowProgress(rows, jobs, self.eos_ids, self.decode, emit)
-        config = GenerationConfig(
-            max_new_tokens=max(r.max_tokens for r in rows), do_sample=False,
-            eos_token_id=sorted(self.eos_ids), pad_token_id=self.tokenizer.pad_token_id,
-            **_NEUTRAL_PROCESSORS,
-        )
-        self.model.generate(
-            input_ids=enc["input_ids"].to(self.device), attention_mask=enc["attention_mask"].to(self.device),
-            generation_config=config,
-            logits_processor=LogitsProcessorList([RowSampler(temperatures, top_ps, generators)]),
-            stopping_criteria=[progress],
-        )
-        out: list[list[tuple[str, int, str]]] = [[] for _ in jobs]
-        last: dict[int, list[RowUpdate]] = {}
-        for row in rows:
-            if row.finish is None:  # generate stopped before the row's own check did (cannot happen
-                row.finish = "length"  # while requests fit the context; kept so no row is left open)
-                row.text = self.decode(row.tokens)
-                last.setdefault(row.job, []).append(progress.pending_update(row))
-            out[row.job].append((row.text, len(row.tokens), row.finish))
-        if emit is not None and last:
-            emit(last)
-        return BatchResult(out, progress.steps, time.perf_counter() - start)
+                generator = None if s.temperature < GREEDY_BELOW else torch.Generator().manual_seed(row_seed(base_seed, r))
+                admission.rows.append(_Row(j, r, s.max_tokens, s.stop, job.stream, job.prompt_ids[r // job.n],
+                                           s.temperature, s.top_p, generator, admission))
+        admission.open_rows = len(admission.rows)
+        if not admission.rows:
+            admission.future.set_result(admission.result())
+            return admission.future
+        with self._lock:
+            self._waiting.append(admission)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._decode_forever, name="raylign-decode", daemon=True)
+                self._thread.start()
+            self._lock.notify()
+        return admission.future
+
+    def generate(self, jobs: Sequence[Job], emit: Emit | None = None) -> BatchResult:
+        """`submit` and wait for the result."""
+        return self.submit(jobs, emit).result()
+
+    # ---- the decode thread -----------------------------------------------------------------------
+    def _decode_forever(self) -> None:
+        torch.set_num_threads(self._threads)  # the creating thread's setting (thread-local under OpenMP)
+        while True:
+            with self._lock:
+                while not self._waiting and not self._rows:
+                    self._lock.wait()
+                joining = self._admit()
+            with torch.inference_mode():
+                for admission in joining:
+                    try:
+                        self._join(admission)
+                    except Exception as error:  # a bad request fails alone; the batch carries on
+                        log.warning("raylign: prefill failed: %r", error)
+                        admission.future.set_exception(error)
+                try:
+                    self._step()
+                except Exception as error:  # a failed step fails every request in it
+                    log.exception("raylign: decode step failed")
+                    for admission in {id(r.admission): r.admission for r in self._rows}.values():
+                        if not admission.future.done():
+                            admission.future.set_exception(error)
+                    self._reset()
+
+    def _admit(self) -> list[_Admission]:
+        """Waiting admissions that fit, first come first served (one too big for `max_rows` joins an
+        empty batch alone)."""
+        live = len(self._rows)
+        joining = []
+        while self._waiting and (live == 0 or live + len(self._waiting[0].rows) <= self.max_rows):
+            admission = self._waiting.popleft()
+            live += len(admission.rows)
+            joining.append(admission)
+        return joining
+
+    def _reset(self) -> None:
+        self._rows, self._cache, self._mask, self._logits, self._sampler = [], None, None, None, None
+
+    def _join(self, admission: _Admission) -> None:
+        kv, mask, logits = self._prefill([row.prompt for row in admission.rows])
+        if self._rows:  # both sides padded on the left to a common length, then stacked
+            length = max(mask.shape[1], self._mask.shape[1])
+            old_kv, old_mask = left_pad(cache_tensors(self._cache), self._mask, length)
+            kv, mask = left_pad(kv, mask, length)
+            kv = [(torch.cat([k0, k1]), torch.cat([v0, v1])) for (k0, v0), (k1, v1) in zip(old_kv, kv, strict=True)]
+            mask = torch.cat([old_mask, mask])
+            logits = torch.cat([self._logits, logits])
+        self._cache = DynamicCache(ddp_cache_data=kv)
+        self._mask, self._logits = mask, logits
+        self._rows = self._rows + admission.rows
+        self._sampler = None
+
+    def _prefill(self, prompts: list[list[int]]) -> tuple[KV, torch.Tensor, torch.Tensor]:
+        """KV cache, attention mask and next-token logits of `prompts`, their shared head computed once."""
+        shared, head_kv = self._shared_head(prompts)
+        tails = [p[shared:] for p in prompts]
+        enc = self.tokenizer.pad({"input_ids": tails}, padding=True, return_tensors="pt")
+        rows = len(prompts)
+        mask = torch.cat([torch.ones(rows, shared, dtype=torch.long), enc["attention_mask"]], dim=1).to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]  # a token's position: real tokens before it
+        cache = DynamicCache(ddp_cache_data=[(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1))
+                                             for k, v in head_kv]) if shared else DynamicCache()
+        logits = self.model(input_ids=enc["input_ids"].to(self.device), attention_mask=mask, position_ids=positions,
+                            use_cache=True, logits_to_keep=1, **{self._cache_arg: cache}).logits[:, -1]
+        return cache_tensors(cache), mask, logits.float()
+
+    def _shared_head(self, prompts: list[list[int]]) -> tuple[int, KV]:
+        """How many leading tokens every prompt shares (at least one token of each is left to prefill)
+        and their KV: the kept head's, cut to length, when it covers them; else computed now and kept."""
+        limit = min(len(p) for p in prompts) - 1
+        if self._prefix is not None:
+            ids, kv = self._prefix
+            shared = min(common_prefix([ids, *prompts]), limit)
+            if shared >= MIN_SHARED_PREFIX:
+                return shared, [(k[:, :, :shared], v[:, :, :shared]) for k, v in kv]
+        shared = min(common_prefix(prompts), limit) if len(prompts) > 1 else 0
+        if shared < MIN_SHARED_PREFIX:
+            return 0, []
+        cache = DynamicCache()
+        self.model(input_ids=torch.tensor([prompts[0][:shared]], device=self.device), use_cache=True,
+                   logits_to_keep=1, **{self._cache_arg: cache})
+        self._prefix = (prompts[0][:shared], cache_tensors(cache))
+        return shared, self._prefix[1]
+
+    def _step(self) -> None:
+        """Sample every live row's next token, report it, retire finished rows, and run one decode
+        forward pass for the rest."""
+        rows = self._rows
+        if not rows:
+            return
+        if self._sampler is None:
+            self._sampler = RowSampler([r.temperature for r in rows], [r.top_p for r in rows],
+                                       [r.generator for r in rows])
+        tokens = self._sampler.choose(self._logits)
+        updates: dict[int, dict[int, list[RowUpdate]]] = {}
+        admissions: dict[int, _Admission] = {}
+        for row, token in zip(rows, tokens.tolist(), strict=True):
+            admission = row.admission
+            admissions[id(admission)] = admission
+            update = self._progress.advance(row, token, admission.jobs[row.job].cancelled.is_set())
+            if update is not None:
+                updates.setdefault(id(admission), {}).setdefault(row.job, []).append(update)
+            if row.finish is not None:
+                admission.open_rows -= 1
+        for key, admission in admissions.items():
+            admission.steps += 1
+            admission.peak_rows = max(admission.peak_rows, len(rows))
+            if admission.emit is not None and key in updates:
+                try:
+                    admission.emit(updates[key])
+                except Exception as error:  # its consumer is gone (e.g. a closed event loop): stop its rows
+                    log.debug("raylign: dropping a batch whose listener failed: %r", error)
+                    admission.emit = None
+                    for job in admission.jobs:
+                        job.cancel()
+            if admission.open_rows == 0:
+                admission.future.set_result(admission.result())
+        keep = [i for i, row in enumerate(rows) if row.finish is None]
+        if not keep:
+            self._reset()
+            return
+        if len(keep) < len(rows):
+            index = torch.tensor(keep, device=self.device)
+            self._cache.batch_select_indices(index)
+            self._mask, tokens = self._mask[index], tokens[keep]
+            self._rows = [rows[i] for i in keep]
+            self._sampler = None
+            self._trim()
+        positions = self._mask.sum(-1, keepdim=True)
+        self._mask = torch.cat([self._mask, self._mask.new_ones(len(keep), 1)], dim=1)
+        self._logits = self.model(input_ids=tokens[:, None].to(self.device), attention_mask=self._mask,
+                                  position_ids=positions, use_cache=True,
+                                  **{self._cache_arg: self._cache}).logits[:, -1].float()
+
+    def _trim(self) -> None:
+        """Cut the leading cache columns that no live row uses (left by rows that have left)."""
+        unused = int((self._mask.sum(0) == 0).long().cumprod(0).sum())
+        if unused:
+            self._mask = self._mask[:, unused:]
+            for layer in self._cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, unused:], layer.values[:, :, unused:]

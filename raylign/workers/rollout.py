@@ -8,7 +8,6 @@ returns token ids, the log-probabilities the tokens were sampled with, and which
 
 from __future__ import annotations
 
-import inspect
 import math
 import time
 import warnings
@@ -20,6 +19,7 @@ from transformers import DynamicCache
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 from raylign.config import ModelConfig, RolloutConfig
+from raylign.models.hf import cache_argument
 from raylign.models.lora import is_lora_weight, lora_merge_deltas, plain_param_name, uses_conv1d
 from raylign.workers.group import cpu_threads, quiet_libraries
 
@@ -28,11 +28,6 @@ def chunk_seed(seed: int, chunk: int) -> int:
     """A well-mixed 31-bit seed for chunk `chunk` of a call seeded `seed`."""
     return int(np.random.SeedSequence([seed, chunk]).generate_state(1)[0] >> 1)
 
-
-def cache_argument(model: Any) -> str:
-    """The forward argument that takes the KV cache: `cache` in recent transformers, `past_key_values`
-    before (and in models with their own forward)."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 @torch.no_grad()

@@ -107,6 +107,45 @@ def test_a_cancelled_request_stops_without_touching_its_batch_mates(engine):
     assert result.steps == 20  # the batch ran for the live request only
 
 
+def test_a_request_joins_the_running_batch_and_neither_changes_the_other(engine):
+    """Continuous batching: B is submitted while A decodes, joins A's batch (peak_rows counts both),
+    finishes first, and both answers are what each request gets alone (greedy). B's prompt is longer
+    than A's row, so A's cache is padded on the left to join, and trimmed again once B has left."""
+    import threading
+
+    a = Job([engine.encode_text("Once upon a time")], Sampling(48, temperature=0.0), stream=True)
+    b = Job([engine.encode_text("In the beginning there was a long prompt that went on and on, " * 3)],
+            Sampling(4, temperature=0.0), n=2)
+    a_alone, b_alone = engine.generate([a]).rows, engine.generate([b]).rows
+    assert a_alone[0][0][1] > 12  # A decodes long enough for B to arrive meanwhile
+    started = threading.Event()
+    a_run = engine.submit([a], emit=lambda updates: started.set())
+    assert started.wait(60)
+    b_result = engine.submit([b]).result(60)
+    assert not a_run.done()  # B did not wait for A
+    a_result = a_run.result(60)
+    assert b_result.peak_rows == 3 and b_result.steps == 4
+    assert b_result.rows == b_alone and a_result.rows == a_alone
+
+
+def test_prompts_sharing_a_head_prefill_it_once_and_answer_as_if_alone(engine):
+    from raylign.serving.engine import MIN_SHARED_PREFIX, common_prefix
+
+    assert common_prefix([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2 and common_prefix([[7], [8]]) == 0
+    head = "You are a careful assistant who answers in one short sentence. Question: "
+    prompts = [engine.encode_text(head + q) for q in ("Why is the sky blue?", "What is rain?", "Name a fruit.")]
+    shared = common_prefix(prompts)
+    assert shared >= MIN_SHARED_PREFIX
+    engine._prefix = None
+    alone = [engine.generate([Job([p], Sampling(10, temperature=0.0))]).rows[0] for p in prompts]
+    together = engine.generate([Job([p], Sampling(10, temperature=0.0)) for p in prompts]).rows
+    assert engine._prefix is not None and engine._prefix[0] == prompts[0][:shared]
+    assert together == alone
+    # a later request with the same head reuses it, and still answers as alone
+    again = engine.generate([Job([prompts[1]], Sampling(10, temperature=0.0))]).rows[0]
+    assert again == alone[1]
+
+
 # ---- the HTTP app on a local backend ---------------------------------------------------------------
 
 
