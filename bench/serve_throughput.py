@@ -1,4 +1,4 @@
-"""Serving throughput: `raylign serve` (Ray Serve, dynamic batching) against a plain one-request-at-a-time
+"""Serving throughput: `raylign serve` (Ray Serve, continuous batching) against a plain one-request-at-a-time
 `transformers` HTTP server, on the same model and the same concurrent requests.
 
 Both servers run as their own process on this machine, one after the other (never together), each
