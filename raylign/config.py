@@ -91,9 +91,14 @@ class RolloutConfig(Section):
     temperature: float = Field(1.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)
+    reference_on_workers: bool = Field(
+        False, description="online RL: rollout workers also compute the reference log-probs of what they "
+        "sample, with a frozen copy of the initial model (one more model copy per worker), so the learner "
+        "does not; with overlap this takes them off the learner's critical path")
     overlap: bool = Field(
         False, description="online RL: sample step k+1 while the learners train on step k (one update "
-        "behind; the clipped ratio against the sampling log-probs corrects for it)")
+        "behind; decoupled PPO corrects for it: the clip is taken against the policy as the step starts "
+        "and each token is reweighted by min(π_prox/π_sampler, rl.behavior_weight_cap))")
 
 
 class RLConfig(Section):
@@ -108,6 +113,8 @@ class RLConfig(Section):
     clip_eps: float = Field(0.2, gt=0.0)
     clip_eps_high: float | None = Field(None, gt=0.0, description="DAPO clip-higher; None = clip_eps")
     dual_clip: float | None = Field(None, gt=1.0)
+    behavior_weight_cap: float = Field(
+        2.0, gt=0.0, description="with rollout.overlap: truncation of decoupled PPO's weight π_prox/π_behav")
     aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
     scale_rewards: bool = Field(True, description="GRPO: divide by the group std (False = Dr. GRPO)")
     whiten_advantages: bool = Field(True, description="PPO: whiten GAE advantages over the batch")

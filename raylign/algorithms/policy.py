@@ -1,11 +1,14 @@
-"""Policy-gradient losses for LMs: the clipped PPO surrogate (with clip-higher and dual clip), the
-clipped value loss, token entropy, and the ways to reduce per-token losses to a scalar.
+"""Policy-gradient losses for LMs: the clipped PPO surrogate (with clip-higher and dual clip), decoupled
+PPO's behaviour weights for stale samples, the clipped value loss, token entropy, and the ways to
+reduce per-token losses to a scalar.
 
 Token tensors are [B, T] with a response mask [B, T]; masked-out positions never reach a loss or a
 statistic (they may hold garbage). Statistics are detached 0-dim tensors (call `.item()` to log).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -53,6 +56,7 @@ def clipped_policy_loss(
     clip_eps_high: float | None = None,
     dual_clip: float | None = None,
     aggregation: str = "token-mean",
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO's clipped surrogate, per token, reduced by `aggregation` -> (loss, stats).
 
@@ -65,6 +69,9 @@ def clipped_policy_loss(
     Dual clip c > 1 (Ye et al. 2020, "Mastering Complex Control in MOBA Games with Deep Reinforcement
     Learning"): for A < 0, ℓ = min(ℓ, −c·A), so a token with ρ ≫ 1 and A < 0 cannot produce an
     unbounded loss (its gradient is zero beyond ρ = c).
+
+    `weights` (optional, per token, treated as constants) multiply ℓ before the reduction, e.g. the
+    behaviour weights of decoupled PPO (`behavior_weights`).
 
     log ρ is clamped to ±20 before exponentiating. Stats: ``clip_fraction`` (share of tokens where
     the clipped term is the larger one), ``dual_clip_fraction``, ``approx_kl`` (k3 estimate of
@@ -94,12 +101,34 @@ def clipped_policy_loss(
         stats["dual_clip_fraction"] = masked_mean(dual.to(per_token.dtype), mask).detach()
     else:
         stats["dual_clip_fraction"] = torch.zeros((), dtype=per_token.dtype, device=per_token.device)
+    if weights is not None:
+        per_token = per_token * zero_outside_mask(weights.detach(), mask)
     loss = aggregate_loss(per_token, mask, aggregation)
     with torch.no_grad():
         kl = kl_estimate(old_logp, logp.detach(), "k3", clamp=_MAX_LOG_RATIO, mask=mask)
         stats["approx_kl"] = masked_mean(kl, mask)
         stats["ratio_mean"] = masked_mean(ratio.detach(), mask)
     return loss, stats
+
+
+def behavior_weights(prox_logp: torch.Tensor, behavior_logp: torch.Tensor, mask: torch.Tensor,
+                     cap: float) -> torch.Tensor:
+    """Truncated importance weights of decoupled PPO, per token, detached:
+
+        w = min(π_prox / π_behav, cap) = exp(min(log π_prox − log π_behav, log cap))
+
+    When tokens were sampled by an older policy π_behav (asynchronous sampling, `rollout.overlap`),
+    decoupled PPO takes the clipped ratio against the proximal policy π_prox (the policy as the step
+    starts) and reweights each token's loss by w, so the update is corrected for the stale sampler
+    without the clip zeroing the gradient of every token the last update moved (Hilton et al. 2021,
+    "Batch size-invariance for policy optimization", §3; used for asynchronous RL by AReaL, Fu et al.
+    2025). Truncation at `cap` bounds the variance, as V-trace's ρ̄ (Espeholt et al. 2018). 0 outside
+    the mask.
+    """
+    if cap <= 0:
+        raise ValueError(f"cap must be > 0, got {cap}")
+    log_w = (prox_logp.detach() - behavior_logp.detach()).clamp(-_MAX_LOG_RATIO, math.log(cap))
+    return zero_outside_mask(torch.exp(log_w), mask)
 
 
 def clipped_value_loss(

@@ -77,6 +77,8 @@ def step_seed(seed: int, step: int, purpose: int) -> int:
 def merge_rollouts(parts: list[dict[str, Any]], prompt_offsets: list[int]) -> dict[str, Any]:
     """Concatenate the workers' results (prompt-major) and give each row its step-global prompt id."""
     out: dict[str, Any] = {"prompt_ids": [], "response_ids": [], "logprobs": [], "texts": []}
+    if all("ref_logps" in p for p in parts):  # rollout.reference_on_workers
+        out["ref_logps"] = []
     group, finished = [], []
     for part, offset in zip(parts, prompt_offsets, strict=True):
         for key in out:
@@ -94,7 +96,8 @@ def merge_rollouts(parts: list[dict[str, Any]], prompt_offsets: list[int]) -> di
 
 def training_batch(rollouts: dict[str, Any], pad_id: int) -> dict[str, np.ndarray]:
     """Right-padded prompt + response rows. `loss_mask` marks response tokens; `old_logps` holds the
-    sampling log-probs at those positions (per-token arrays aligned with input_ids)."""
+    sampling log-probs at those positions (per-token arrays aligned with input_ids), and `ref_logps`
+    the reference's when the rollout workers computed them."""
     rows = [np.concatenate([p, r]) for p, r in zip(rollouts["prompt_ids"], rollouts["response_ids"], strict=True)]
     width = max(len(r) for r in rows)
     n = len(rows)
@@ -107,7 +110,13 @@ def training_batch(rollouts: dict[str, Any], pad_id: int) -> dict[str, np.ndarra
         attn[i, : len(row)] = 1
         loss_mask[i, len(prompt) : len(row)] = 1
         old[i, len(prompt) : len(row)] = logps
-    return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss_mask, "old_logps": old}
+    batch = {"input_ids": ids, "attention_mask": attn, "loss_mask": loss_mask, "old_logps": old}
+    if "ref_logps" in rollouts:
+        ref = np.zeros((n, width), dtype=np.float32)
+        for i, (row, prompt, logps) in enumerate(zip(rows, rollouts["prompt_ids"], rollouts["ref_logps"], strict=True)):
+            ref[i, len(prompt) : len(row)] = logps
+        batch["ref_logps"] = ref
+    return batch
 
 
 def compute_advantages(
@@ -180,6 +189,7 @@ class OnlineRun:
         self.config = config
         self.algorithm = rl_algorithm(config)
         self.pad_id = tokenizer_pad_id
+        self.reference_on_workers = config.rollout.reference_on_workers
         self.policy = self.critic = self.rollout = self.reward = None
         self.game: Any = None  # the adversarial pipeline's second player, if any
         try:
@@ -207,7 +217,8 @@ class OnlineRun:
             threads=r.threads,
             max_restarts=ROLLOUT_RESTARTS, actor_name_prefix=f"{prefix}-rollout",
             init_kwargs={"model": config.model.model_dump(), "seed": config.seed,
-                         "apply_chat_template": config.data.apply_chat_template})
+                         "apply_chat_template": config.data.apply_chat_template,
+                         "reference": self.reference_on_workers})
         reward_kwargs: dict[str, Any] = {"reward": config.reward.model_dump(), "tokenizer": config.model.path}
         if config.algorithm == "adversarial":
             reward_kwargs["discriminator"] = discriminator_kwargs(config)
@@ -236,7 +247,8 @@ class OnlineRun:
         weights = self.policy.workers[0].get_weights.remote()
         parts = split_list(prompts, len(self.rollout))
         offsets = list(np.cumsum([0] + [len(p) for p in parts[:-1]]))
-        refs = [w.generate.remote(part, sampling, seed=seed + i, weights=weights, version=version)
+        refs = [w.generate.remote(part, sampling, seed=seed + i, weights=weights, version=version,
+                                  reference=self.reference_on_workers)
                 for i, (w, part) in enumerate(zip(self.rollout.workers, parts, strict=True)) if part]
         return refs, [int(o) for o, p in zip(offsets, parts, strict=True) if p]
 
@@ -485,12 +497,19 @@ def _rl_step(state: OnlineRun, config: RunConfig, run: RunDir, train: list[Any],
     # Scoring, reference log-probs and values run at the same time on their own actors.
     repeated = [prompts[i] for i in rollouts["group_ids"]]
     score_refs = state.score_async(repeated, rollouts["texts"])
-    ref_refs = state.token_logps(batch, reference=True)
+    # Reference log-probs: from the rollout workers (rollout.reference_on_workers), else the learners.
+    ref_refs = state.token_logps(batch, reference=True) if "ref_logps" not in batch else []
     value_refs = state._sharded_async(state.critic, "values", batch) if state.critic is not None else []
+    # Decoupled PPO (rollout.overlap) clips against the policy as the step starts; with one update per
+    # step that is the training forward pass itself (detached), with several it is computed here.
+    prox_refs = state.token_logps(batch, reference=False) if ro.overlap and rl.epochs * minibatches > 1 else []
     scores = merge_scores(ray.get(score_refs))
     t_score = time.perf_counter()
-    batch["ref_logps"] = np.concatenate(ray.get(ref_refs))
+    if ref_refs:
+        batch["ref_logps"] = np.concatenate(ray.get(ref_refs))
     values = np.concatenate(ray.get(value_refs)) if value_refs else None
+    if prox_refs:
+        batch["prox_logps"] = np.concatenate(ray.get(prox_refs))
     prefix_values = None
     if state.game is not None:
         prefix_values = state.game.prefix_values(state, step, repeated, rollouts, batch, scores["total"])
@@ -566,6 +585,8 @@ def _step_metrics(batch, scores, rollouts, policy_sums, critic_sums) -> dict[str
         "policy/lr": policy_sums[-1]["lr"],
         "rollout/logp_gap": p["logp_gap_sum"] / tokens,
     }
+    if "behavior_weight_sum" in p:  # rollout.overlap: decoupled PPO's mean min(π_prox/π_sampler, cap)
+        metrics["policy/behavior_weight"] = p["behavior_weight_sum"] / tokens
     if critic_sums:
         c = _sum_metrics(critic_sums)
         metrics["critic/value_loss"] = c["value_loss_sum"] / max(c["units"], 1.0)
@@ -583,7 +604,9 @@ def save_pending_rollouts(rollouts: dict[str, Any], path) -> None:
                 for k in ("prompt_ids", "response_ids")},
              logprobs=np.concatenate(rollouts["logprobs"]).astype(np.float32),
              prompt_lengths=lengths["prompt_ids"], response_lengths=lengths["response_ids"],
-             group_ids=rollouts["group_ids"], finished=rollouts["finished"])
+             group_ids=rollouts["group_ids"], finished=rollouts["finished"],
+             **({"ref_logps": np.concatenate(rollouts["ref_logps"]).astype(np.float32)}
+                if "ref_logps" in rollouts else {}))
     meta = {k: rollouts[k] for k in ("texts", "versions", "seconds", "tokens")}
     (path / "rollouts.json").write_text(json.dumps(meta))
 
@@ -594,8 +617,9 @@ def load_pending_rollouts(ckpt) -> dict[str, Any] | None:
     data = np.load(ckpt / "rollouts.npz", allow_pickle=False)
     out: dict[str, Any] = json.loads((ckpt / "rollouts.json").read_text())
     for key, lengths in (("prompt_ids", "prompt_lengths"), ("response_ids", "response_lengths"),
-                         ("logprobs", "response_lengths")):
-        out[key] = np.split(data[key], np.cumsum(data[lengths])[:-1])
+                         ("logprobs", "response_lengths"), ("ref_logps", "response_lengths")):
+        if key in data:
+            out[key] = np.split(data[key], np.cumsum(data[lengths])[:-1])
     out.update(group_ids=data["group_ids"], finished=data["finished"], wait_seconds=0.0)
     return out
 

@@ -27,6 +27,7 @@ from raylign.algorithms.kl import kl_estimate
 from raylign.algorithms.logprobs import sequence_logps, token_logps
 from raylign.algorithms.policy import (
     aggregate_loss,
+    behavior_weights,
     clipped_policy_loss,
     clipped_value_loss,
     entropy_from_logits,
@@ -170,6 +171,8 @@ def make_objective(name: str, config: RunConfig) -> Objective:
 
     rl = config.rl
     temperature = config.rollout.temperature or 1.0
+    # rollout.overlap samples with the weights one update old: decoupled PPO (see behavior_weights).
+    decoupled = config.rollout.overlap
 
     def policy(model, batch, ref_fn=None, kl_coef: float = 0.0):
         """Clipped surrogate (+ β·KL to the reference when rl.kl_in == "loss", − entropy bonus)."""
@@ -178,9 +181,15 @@ def make_objective(name: str, config: RunConfig) -> Objective:
         mask, old, adv = (batch[k][:, start:] for k in ("loss_mask", "old_logps", "advantages"))
         logits = rl_logits(model, ids, temperature, start)
         logp = token_logps(logits, ids[:, start:])
-        loss, stats = clipped_policy_loss(logp, old, adv, mask, rl.clip_eps, rl.clip_eps_high, rl.dual_clip,
-                                          rl.aggregation)
+        weights = None
+        if decoupled:  # sampled one update ago: clip against the policy as the step began, reweight
+            prox = batch["prox_logps"][:, start:] if "prox_logps" in batch else logp.detach()
+            weights = behavior_weights(prox, old, mask, rl.behavior_weight_cap)
+        loss, stats = clipped_policy_loss(logp, prox if decoupled else old, adv, mask, rl.clip_eps,
+                                          rl.clip_eps_high, rl.dual_clip, rl.aggregation, weights)
         sums = {"pg_loss_sum": loss.item()}
+        if weights is not None:
+            sums["behavior_weight_sum"] = masked_mean(weights, mask).item()
         if "ref_logps" in batch:
             kl = kl_estimate(logp, batch["ref_logps"][:, start:], rl.kl_estimator, clamp=10.0, mask=mask)
             sums["kl_sum"] = masked_mean(kl.detach(), mask).item()

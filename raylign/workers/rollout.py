@@ -8,6 +8,7 @@ returns token ids, the log-probabilities the tokens were sampled with, and which
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 import warnings
@@ -96,7 +97,7 @@ class RolloutWorker:
     """One sampler: a plain causal LM, the learner's latest weights merged in, batched generation."""
 
     def __init__(self, rank: int, world_size: int, num_cpus: float, model: dict[str, Any], seed: int = 0,
-                 apply_chat_template: bool = True):
+                 apply_chat_template: bool = True, reference: bool = False):
         torch.set_num_threads(cpu_threads(num_cpus))
         quiet_libraries()
         from raylign.models import is_peft_model, load_causal_lm
@@ -117,6 +118,9 @@ class RolloutWorker:
         # Ray shows an actor only the GPUs it reserved (resources.gpus_per_rollout_worker); none -> CPU.
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = net.to(self.device).eval().requires_grad_(False)
+        # rollout.reference_on_workers: the frozen initial model (the base under LoRA), copied before any
+        # weights are merged in, scores the samples as the learner's reference would.
+        self.reference = copy.deepcopy(self.model) if reference else None
         self.fan_in_fan_out = uses_conv1d(self.model)
         self.tokenizer.padding_side = "left"  # generation continues from the right edge of every row
         self.eos_ids = self._eos_ids()
@@ -181,7 +185,7 @@ class RolloutWorker:
     # ---- generation ----------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, prompts: list[Any], sampling: dict[str, Any], seed: int, weights: Any = None,
-                 version: int | None = None) -> dict[str, Any]:
+                 version: int | None = None, reference: bool = False) -> dict[str, Any]:
         """Sample `n_samples` completions per prompt (string, chat messages, or token ids taken as they
         are) with the given weights.
 
@@ -194,7 +198,9 @@ class RolloutWorker:
         generated tokens up to and including the first EOS, and log_softmax(logits / T) of each of
         them (T = temperature, 1 when greedy; top-p/top-k not applied); texts: decoded responses
         without special tokens; finished [rows] bool: ended with EOS rather than at max_new_tokens;
-        prompt_index [rows]: index into `prompts`; version; seconds (wall time); tokens (response total).
+        prompt_index [rows]: index into `prompts`; version; seconds (wall time); tokens (response total);
+        with `reference` (a worker built with `reference=True`), ref_logps: per row, log π_ref of each
+        response token at the sampling temperature, as the learner's `rl_token_logps(reference=True)`.
         """
         if weights is not None and version != self.version:
             if version is None:
@@ -215,6 +221,10 @@ class RolloutWorker:
                 out[key].extend(values)
             out["prompt_index"].extend(first + i // cfg.n_samples for i in range(len(rows["finished"])))
         texts = self.tokenizer.batch_decode(out["response_ids"], skip_special_tokens=True)
+        if reference:
+            if self.reference is None:
+                raise ValueError("this rollout worker was built without a reference model (reference=True)")
+            out["ref_logps"] = self._reference_logps(out["prompt_ids"], out["response_ids"], cfg)
         return {
             **out,
             "texts": [t.strip() for t in texts],
@@ -224,6 +234,30 @@ class RolloutWorker:
             "seconds": time.perf_counter() - start,
             "tokens": int(sum(len(r) for r in out["response_ids"])),
         }
+
+    @torch.no_grad()
+    def _reference_logps(self, prompt_ids: list[np.ndarray], response_ids: list[np.ndarray],
+                         cfg: RolloutConfig) -> list[np.ndarray]:
+        """log π_ref(response token | prefix) per row, computed as the learner does: right-padded
+        prompt + response rows (no attention mask needed), logits at the sampling temperature."""
+        from raylign.algorithms.logprobs import token_logps
+        from raylign.workers.objectives import rl_logits
+
+        temperature = cfg.temperature or 1.0
+        rows_per_call = cfg.batch_size * cfg.n_samples
+        out: list[np.ndarray] = []
+        for first in range(0, len(prompt_ids), rows_per_call):
+            prompts, responses = prompt_ids[first : first + rows_per_call], response_ids[first : first + rows_per_call]
+            rows = [np.concatenate([p, r]) for p, r in zip(prompts, responses, strict=True)]
+            ids = torch.full((len(rows), max(len(r) for r in rows)), int(self.tokenizer.pad_token_id or 0))
+            for i, row in enumerate(rows):
+                ids[i, : len(row)] = torch.from_numpy(row)
+            start = max(min(len(p) for p in prompts), 1)
+            ids = ids.to(self.device)
+            logps = token_logps(rl_logits(self.reference, ids, temperature, start), ids[:, start:]).float().cpu()
+            for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+                out.append(logps[i, len(p) - start : len(p) - start + len(r)].numpy().astype(np.float32))
+        return out
 
     def _prompt_ids(self, prompt: Any) -> np.ndarray:
         """Token ids of a prompt: a string or chat messages go through the chat template; token ids

@@ -59,10 +59,16 @@ def test_algorithm_raises_reward_with_finite_kl(tmp_path, algorithm):
 
 
 def test_overlapped_sampling_is_one_update_behind_and_still_learns(tmp_path):
-    result = run_pipeline(_config(tmp_path, "grpo", "overlap", "train.max_steps=25", "rollout.overlap=true"))
+    """rollout.overlap with decoupled PPO, and the reference log-probs from the rollout workers."""
+    result = run_pipeline(_config(tmp_path, "grpo", "overlap", "train.max_steps=25", "rollout.overlap=true",
+                                  "rollout.reference_on_workers=true"))
     rows = read_metrics(result.run_dir)
     steps = [r for r in rows if "reward/mean" in r]
     assert [r["rollout/weight_lag"] for r in steps] == [0] + [1] * 24
+    # Behaviour weights: 1 when sampled with the current weights (step 1), near 1 one update later.
+    assert steps[0]["policy/behavior_weight"] == pytest.approx(1.0, abs=1e-4)
+    assert all(0.5 < r["policy/behavior_weight"] < 1.5 for r in steps)
+    assert all(math.isfinite(r["kl/seq_mean"]) for r in steps) and steps[-1]["kl/seq_mean"] > 0
     assert rows[-1]["eval/reward"] > rows[0]["eval/reward"] + 0.6, (rows[0], rows[-1])
 
 

@@ -111,6 +111,28 @@ def test_logprobs_match_the_learners_forward_and_rows_stop_at_eos():
     assert out["version"] == 5 == w.version
 
 
+def test_reference_logprobs_are_the_initial_models_whatever_weights_were_loaded(peft_model):
+    """rollout.reference_on_workers: the worker scores its samples under the frozen initial model as the
+    learner's reference would (teacher forcing on the base model, adapters off), not the loaded weights."""
+    w = worker(reference=True)
+    out = w.generate(PROMPTS, SAMPLING, seed=3, weights=adapter(peft_model, seed=1), version=1, reference=True)
+    base = make_peft_model()  # B = 0: the adapter is the identity, this is the initial model
+    temperature = SAMPLING["temperature"]
+    changed = 0
+    for prompt, response, ref, logp in zip(out["prompt_ids"], out["response_ids"], out["ref_logps"],
+                                            out["logprobs"], strict=True):
+        ids = torch.from_numpy(np.concatenate([prompt, response]))[None]
+        with torch.no_grad():
+            logits = base(input_ids=ids).logits[0, len(prompt) - 1 : -1]
+        expected = torch.log_softmax(logits / temperature, -1).gather(1, torch.from_numpy(response)[:, None])[:, 0]
+        np.testing.assert_allclose(ref, expected.numpy(), atol=1e-4, rtol=0)
+        changed += not np.allclose(ref, logp, atol=1e-3)  # the loaded adapter changed the sampler
+    assert changed == len(out["ref_logps"])
+    assert "ref_logps" not in w.generate(PROMPTS[:1], SAMPLING, seed=3)  # only when asked
+    with pytest.raises(ValueError, match="without a reference"):
+        worker().generate(PROMPTS[:1], SAMPLING, seed=3, reference=True)
+
+
 def test_rows_are_prompt_major_with_n_samples_each():
     w = worker()
     out = w.generate(PROMPTS, SAMPLING, seed=0)

@@ -38,6 +38,16 @@ def test_training_batch_right_pads_and_aligns_sampling_logprobs():
     assert batch["loss_mask"].tolist() == [[0, 0, 0, 1, 1], [0, 0, 0, 1, 0], [0, 0, 1, 1, 1], [0, 0, 0, 0, 0]]
     assert batch["attention_mask"].sum(-1).tolist() == [5, 4, 5, 2]
     assert batch["old_logps"][0].tolist() == [0, 0, 0, -1.0, -2.0]
+    assert "ref_logps" not in batch  # the learners compute them
+
+
+def test_reference_logprobs_from_the_rollout_workers_align_like_sampling_logprobs():
+    part = _worker_result()
+    part["ref_logps"] = [np.array([-3.0, -4.0]), np.array([-5.0]), np.array([-6.0, -7.0, -8.0]), np.array([])]
+    merged = merge_rollouts([part, _worker_result()], [0, 2])
+    assert "ref_logps" not in merged  # only when every worker sent them
+    batch = training_batch(merge_rollouts([part], [0]), pad_id=0)
+    assert batch["ref_logps"].tolist() == [[0, 0, 0, -3, -4], [0, 0, 0, -5, 0], [0, 0, -6, -7, -8], [0] * 5]
 
 
 def test_merge_rollouts_offsets_group_ids_per_worker():
@@ -144,4 +154,9 @@ def test_pending_rollouts_survive_a_checkpoint_round_trip(tmp_path):
         assert [a.tolist() for a in restored[key]] == [np.asarray(a).tolist() for a in rollouts[key]]
     assert restored["texts"] == rollouts["texts"] and restored["group_ids"].tolist() == [0, 0, 1, 1]
     assert training_batch(restored, 0)["old_logps"].tolist() == training_batch(rollouts, 0)["old_logps"].tolist()
+    assert "ref_logps" not in restored
     assert load_pending_rollouts(tmp_path / "none") is None
+    part = _worker_result()
+    part["ref_logps"] = [np.array([-3.0, -4.0]), np.array([-5.0]), np.array([-6.0, -7.0, -8.0]), np.array([])]
+    save_pending_rollouts(merge_rollouts([part], [0]), tmp_path)
+    assert [a.tolist() for a in load_pending_rollouts(tmp_path)["ref_logps"]] == [[-3, -4], [-5], [-6, -7, -8], []]

@@ -18,6 +18,7 @@ from raylign.algorithms.advantages import (
 from raylign.algorithms.kl import AdaptiveKLController, FixedKLController, kl_estimate
 from raylign.algorithms.policy import (
     aggregate_loss,
+    behavior_weights,
     clipped_policy_loss,
     clipped_value_loss,
     entropy_from_logits,
@@ -224,6 +225,27 @@ def test_clipped_loss_gradients_zero_outside_clip_range():
     assert (logp.grad[2:] != 0).all()
     _close(stats["clip_fraction"], 2 / 6)
     assert not stats["approx_kl"].requires_grad and stats["approx_kl"] > 0
+
+
+def test_decoupled_ppo_weights_are_truncated_prox_over_behaviour_ratios():
+    # w = min(π_prox/π_behav, cap), cap = 2:  ratios 0.5, 1.5, 3.0 -> 0.5, 1.5, 2.0; masked -> 0
+    behav = _t(-1.0, -1.0, -1.0, -1.0)
+    prox = (behav + torch.log(_t(0.5, 1.5, 3.0, 1.0))).requires_grad_(True)
+    mask = _t(1.0, 1.0, 1.0, 0.0)
+    w = behavior_weights(prox, behav, mask, cap=2.0)
+    _close(w, [0.5, 1.5, 2.0, 0.0])
+    assert not w.requires_grad
+    # The clip is taken against π_prox and each token's loss scaled by w (Hilton et al. 2021):
+    #   ρ = π/π_prox = 1.1, 1.5, 0.9 with A = +1, −1, +1, ε = 0.2:
+    #   ℓ = −1.1, 1.5 (pessimistic side), −0.9  ->  w·ℓ = −0.55, 2.25, −1.8;  token mean over 3
+    logp = (prox.detach() + torch.log(_t(1.1, 1.5, 0.9, 1.0))).requires_grad_(True)
+    adv = _t(1.0, -1.0, 1.0, 5.0)
+    loss, _ = clipped_policy_loss(logp, prox.detach(), adv, mask, clip_eps=0.2, weights=w)
+    _close(loss, (-0.55 + 2.25 - 1.8) / 3)
+    loss.backward()
+    _close(logp.grad, [-0.55 / 3, 2.25 / 3, -1.8 / 3, 0.0])  # dℓ/dlog π = w·(−A·ρ) inside the clip
+    with pytest.raises(ValueError, match="cap"):
+        behavior_weights(prox, behav, mask, cap=0.0)
 
 
 def test_clip_higher_widens_the_upper_bound():
