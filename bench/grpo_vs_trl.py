@@ -27,21 +27,35 @@ log-probs / train) and, for TRL, timers around `_generate_single_turn` (generati
 of TRL's step is the policy forward/backward and optimizer step.
 
 raylign runs through its public API (`load_config('grpo', overrides)` + `run_pipeline`) on a local
-Ray started here with `--threads` CPUs, shared by its learner, rollout worker and reward worker;
-`resources.threads=--threads` gives the learner and the rollout worker that many torch threads each
-(the loop alternates generation and training, so each may use every core). TRL then runs in this
-same process with `torch.set_num_threads(--threads)`, after Ray is shut down, so the two never compete
-for cores.
+Ray started here with `--threads` CPUs, shared by its learner, rollout worker and reward worker, in one
+of two modes (`--raylign-mode`):
+  * overlap (default, raylign's best settings for this job): `rollout.overlap=true` - the rollout
+    worker samples step k+1 (with the weights before step k's update) while the learner trains on
+    step k, and decoupled PPO corrects the loss for that one-update lag - and
+    `rollout.reference_on_workers=true` - the rollout worker also computes the reference log-probs, so
+    the learner only trains. The learner and the rollout worker then run at the same time, so each gets
+    half the cores (`resources.threads=--threads/2`).
+  * sequential: generation, scoring and training one after the other, each phase with every core
+    (`resources.threads=--threads`).
+The work per step is the same in both modes (the same samples, rewards, reference log-probs and one
+optimizer step); overlap changes when it runs and that the samples are one update old. TRL then runs
+in this same process with `torch.set_num_threads(--threads)`, after Ray is shut down, so the two never
+compete for cores.
 
 The reward curves are printed side by side. The final reward (mean of the last 5 steps) is compared
 against the step-to-step noise: the sides sample with different random streams, so the curves differ
-step by step even though the prompts are the same.
+step by step even though the prompts are the same. One seed's final reward also varies from seed to
+seed by about as much, so `--seeds N` repeats the comparison on N seeds and reports the median
+throughput ratio and the mean paired final-reward difference (raylign - TRL) against twice its
+standard error.
 
 On a machine shared with other work, runs are noisy: `--repeat N` alternates the two sides N times
 and keeps each side's fastest run (medians are printed too); `--omp-passive` makes idle OpenMP
 threads sleep on both sides.
 
     python bench/grpo_vs_trl.py                        # 30 steps x 8 prompts x 4 completions, 16 tokens
+    python bench/grpo_vs_trl.py --seeds 5 --json grpo.json  # 5 seeds: median ratio, mean reward difference
+    python bench/grpo_vs_trl.py --raylign-mode sequential   # raylign one phase after the other
     python bench/grpo_vs_trl.py --repeat 3 --json grpo.json
     python bench/grpo_vs_trl.py --only raylign         # one side, e.g. under py-spy
     python bench/grpo_vs_trl.py --raylign-set resources.rollout_workers=2   # try a raylign setting
@@ -160,6 +174,19 @@ class Result:
 # ---- raylign -------------------------------------------------------------------------------------
 
 
+# raylign's settings for this job. overlap (the default): the rollout worker samples step k+1 while the
+# learner trains on step k (decoupled PPO corrects for the one-update lag) and also computes the
+# reference log-probs, so the learner's core only trains; the two run at once, each on half the cores.
+# sequential: generation, scoring and training one after the other, each with every core.
+MODES = {"overlap": ["rollout.overlap=true", "rollout.reference_on_workers=true"], "sequential": []}
+
+
+def raylign_threads(args: argparse.Namespace) -> int:
+    """Torch threads of raylign's learner and rollout worker: all cores when they take turns, half each
+    when they run at once."""
+    return args.threads if args.raylign_mode == "sequential" else max(1, args.threads // 2)
+
+
 def run_raylign(args: argparse.Namespace, data_path: Path, model_dir: str, workdir: Path, name: str) -> Result:
     import ray
     from rich.console import Console
@@ -186,7 +213,8 @@ def run_raylign(args: argparse.Namespace, data_path: Path, model_dir: str, workd
         f"train.max_steps={args.steps}", "train.scheduler=constant", "train.warmup_steps=0",
         "train.weight_decay=0", "train.max_grad_norm=1.0", "train.eval_every=0", "train.log_every=1",
         "resources.learners=1", "resources.rollout_workers=1", "resources.reward_workers=1",
-        f"resources.threads={t}",
+        f"resources.threads={raylign_threads(args)}",
+        *MODES[args.raylign_mode],
         f"output.dir={workdir / 'runs'}", f"output.name={name}", "output.overwrite=true",
         "output.save_every=0", "output.tensorboard=false", "output.samples_per_step=0",
     ] + list(args.raylign_set)
@@ -320,6 +348,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="OMP_WAIT_POLICY=PASSIVE for both sides (Ray actors inherit it): idle OpenMP threads sleep "
                         "instead of spinning, which keeps multi-threaded torch usable when other work shares the "
                         "cores")
+    p.add_argument("--raylign-mode", choices=sorted(MODES), default="overlap",
+                   help="overlap: sampling for the next step and the reference log-probs run on the rollout "
+                        "worker while the learner trains (one update behind, decoupled PPO); sequential: one "
+                        "phase after the other")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="compare on this many seeds (--seed, --seed + 1, ...): median throughput ratio and "
+                        "the mean final-reward difference against its standard error")
     p.add_argument("--raylign-set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra raylign config override (repeatable), e.g. resources.rollout_workers=2; the "
                         "default is one learner, one rollout worker and one reward worker")
@@ -327,8 +362,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workdir", help="where data and runs go (default: a fresh temp dir)")
     p.add_argument("--json", help="also write the results to this JSON file")
     args = p.parse_args(argv)
-    if args.repeat < 1:
-        p.error("--repeat must be >= 1")
+    if args.repeat < 1 or args.seeds < 1:
+        p.error("--repeat and --seeds must be >= 1")
     if args.group_size < 2:
         p.error("--group-size must be >= 2 (GRPO compares completions of one prompt)")
     if args.steps < 1:
@@ -374,34 +409,54 @@ def main(argv: list[str] | None = None) -> int:
     with open(data_path, "w", encoding="utf-8") as f:
         for p in prompts:
             f.write(json.dumps({"prompt": p}) + "\n")
-    order = step_order(len(prompts), args)
     mismatched = check_prompt_tokens(model_dir, prompts)
     per_step = args.prompts_per_step * args.group_size
     print(f"{args.model} at {model_dir}; {len(prompts)} prompts ({PROMPTS}, chat template, <= "
           f"{args.max_prompt_tokens} tokens); {args.steps} steps x {args.prompts_per_step} prompts x "
           f"{args.group_size} completions = {per_step} per optimizer step, <= {args.max_new_tokens} new tokens; "
-          f"beta {args.beta} (k3, in the loss), epsilon {args.epsilon}, lr {args.lr}, {args.threads} threads, "
+          f"beta {args.beta} (k3, in the loss), epsilon {args.epsilon}, lr {args.lr}, {args.threads} threads "
+          f"(TRL; raylign {args.raylign_mode}: {raylign_threads(args)} per actor), "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'default')}", flush=True)
     print(f"same work: prompt token ids identical on both sides = {mismatched == 0}"
           + (f" ({mismatched} of {len(prompts)} differ)" if mismatched else ""), flush=True)
 
     sides = [s for s in ("raylign", "trl") if args.only in (None, s)]
+    first_seed = args.seed
+    report: dict[str, Any] = {
+        "settings": {k: getattr(args, k) for k in ("steps", "prompts_per_step", "group_size", "max_new_tokens",
+                                                   "max_prompt_tokens", "lr", "beta", "epsilon", "seed", "seeds",
+                                                   "model", "threads", "repeat", "raylign_mode", "raylign_set")}
+        | {"raylign_threads": raylign_threads(args), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+           "load_avg_at_start": load_at_start, "prompts": len(prompts), "prompt_token_mismatches": mismatched},
+        "seeds": {},
+    }
+    for seed in range(first_seed, first_seed + args.seeds):
+        args.seed = seed
+        if args.seeds > 1:
+            print(f"--- seed {seed}", flush=True)
+        report["seeds"][seed] = compare_seed(args, sides, prompts, data_path, model_dir, workdir)
+    args.seed = first_seed
+    if len(sides) == 2 and args.seeds > 1:
+        report["summary"] = summarize_seeds(report["seeds"])
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+def compare_seed(args: argparse.Namespace, sides: list[str], prompts: list[str], data_path: Path, model_dir: str,
+                 workdir: Path) -> dict[str, Any]:
+    """Both sides on `args.seed`; prints the runs, the reward table and the comparison."""
+    order = step_order(len(prompts), args)
 
     def run_side(side: str, r: int) -> Result:
         if side == "raylign":
-            return run_raylign(args, data_path, model_dir, workdir, f"raylign-{r}")
-        return run_trl(args, prompts, order, model_dir, workdir, f"trl-{r}")
+            return run_raylign(args, data_path, model_dir, workdir, f"raylign-{args.seed}-{r}")
+        return run_trl(args, prompts, order, model_dir, workdir, f"trl-{args.seed}-{r}")
 
     runs, results = alternate_runs(sides, args.repeat, run_side, describe, lambda res: res.samples_per_s)
     print("reward mean per step (same prompts at every step on both sides):")
     print(reward_table(results, max(1, args.steps // 10)))
-
     report: dict[str, Any] = {
-        "settings": {k: getattr(args, k) for k in ("steps", "prompts_per_step", "group_size", "max_new_tokens",
-                                                   "max_prompt_tokens", "lr", "beta", "epsilon", "seed", "model",
-                                                   "threads", "repeat", "raylign_set")}
-        | {"omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "load_avg_at_start": load_at_start,
-           "prompts": len(prompts), "prompt_token_mismatches": mismatched},
         "results": {r.name: {"samples_per_s": r.samples_per_s, "window_s": r.window_s,
                              "median_step_s": r.median_step_s, "split_s": r.split_s,
                              "final_reward": r.final_reward()[0], "final_reward_sd": r.final_reward()[1],
@@ -418,17 +473,35 @@ def main(argv: list[str] | None = None) -> int:
         # streams, so only the curves' endpoints are compared.
         k, noise, agree = endpoints_agree(ours.rewards, peer.rewards)
         medians = [statistics.median(x.samples_per_s for x in runs[s]) for s in sides]
-        report["ratio_raylign_over_trl"] = ratio
-        report["ratio_of_medians"] = medians[0] / medians[1]
-        report["final_reward_agree"] = agree
+        report.update(ratio_raylign_over_trl=ratio, ratio_of_medians=medians[0] / medians[1],
+                      final_reward_raylign=r1, final_reward_trl=r2, final_reward_agree=agree)
         print(f"ratio raylign/TRL: {ratio:.2f}x samples/s"
               + (f" (best runs; median runs {medians[0]:.1f} / {medians[1]:.1f} = {medians[0] / medians[1]:.2f}x)"
                  if args.repeat > 1 else ""))
         print(f"final reward (mean of last {k} steps): raylign {r1:.3f}, TRL {r2:.3f}, |diff| {abs(r1 - r2):.3f} "
-              f"{'<=' if agree else '>'} noise {noise:.3f}: {'agree' if agree else 'DISAGREE'} within noise")
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
-    return 0
+              f"{'<=' if agree else '>'} noise {noise:.3f}: {'agree' if agree else 'DISAGREE'} within noise",
+              flush=True)
+    return report
+
+
+def summarize_seeds(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Across seeds: the median throughput ratio, and the mean paired final-reward difference
+    (raylign - TRL) against twice its standard error (a paired t-interval of about 95%)."""
+    ratios = [r["ratio_raylign_over_trl"] for r in per_seed.values()]
+    diffs = [r["final_reward_raylign"] - r["final_reward_trl"] for r in per_seed.values()]
+    mean_diff = statistics.mean(diffs)
+    se = statistics.stdev(diffs) / len(diffs) ** 0.5
+    out = {"ratios": ratios, "median_ratio": statistics.median(ratios), "reward_diffs": diffs,
+           "mean_reward_diff": mean_diff, "reward_diff_se": se, "rewards_agree": abs(mean_diff) <= 2 * se,
+           "mean_final_reward_raylign": statistics.mean(r["final_reward_raylign"] for r in per_seed.values()),
+           "mean_final_reward_trl": statistics.mean(r["final_reward_trl"] for r in per_seed.values())}
+    print(f"=== {len(ratios)} seeds: throughput ratio raylign/TRL per seed "
+          f"{', '.join(f'{x:.2f}x' for x in ratios)}; median {out['median_ratio']:.2f}x")
+    print(f"=== final reward, mean over seeds: raylign {out['mean_final_reward_raylign']:.3f}, TRL "
+          f"{out['mean_final_reward_trl']:.3f}; paired difference {mean_diff:+.3f} ± {se:.3f} (s.e.): "
+          f"{'agree' if out['rewards_agree'] else 'DISAGREE'} (|diff| {'<=' if out['rewards_agree'] else '>'} 2 s.e.)",
+          flush=True)
+    return out
 
 
 if __name__ == "__main__":
