@@ -25,14 +25,22 @@ import numpy as np
 
 
 class Generator:
-    """A Ray Data callable class: one RolloutWorker (+ optional reference LM) per actor."""
+    """A Ray Data callable class over rows of one or several models (`model` column = index into
+    `models`): a RolloutWorker per model (+ an optional reference LM) per actor.
 
-    def __init__(self, model: str, sampling: dict[str, Any], seed: int, num_cpus: float,
+    A batch may straddle two models: its rows are split by model and each part is sampled by that
+    model's RolloutWorker, seeded by (seed, the part's first prompt index), so results depend on the
+    inputs, not on which actor ran them; where batches line up with the models' rows (the prompt count
+    a multiple of the batch size) every model meets the same prompts with the same seeds."""
+
+    CACHE = 2  # models kept loaded per actor; rows arrive ordered by model, so reloads are rare
+
+    def __init__(self, models: list[str], sampling: dict[str, Any], seed: int, num_cpus: float,
                  reference: str | None = None, apply_chat_template: bool = True):
-        from raylign.workers.rollout import RolloutWorker
-
-        self.worker = RolloutWorker(0, 1, num_cpus, {"path": model}, seed=seed,
-                                    apply_chat_template=apply_chat_template)
+        self.models = models
+        self.num_cpus = num_cpus
+        self.apply_chat_template = apply_chat_template
+        self.workers: dict[int, Any] = {}
         self.reference = None
         if reference is not None:
             from raylign.evaluation.scorers import LogLikelihood
@@ -42,9 +50,27 @@ class Generator:
         self.seed = seed
         self.actor = f"{os.uname().nodename}:{os.getpid()}"
 
+    def _worker(self, m: int) -> Any:
+        from raylign.workers.rollout import RolloutWorker
+
+        if m not in self.workers:
+            while len(self.workers) >= self.CACHE:
+                self.workers.pop(next(iter(self.workers)))
+            self.workers[m] = RolloutWorker(0, 1, self.num_cpus, {"path": self.models[m]}, seed=self.seed,
+                                            apply_chat_template=self.apply_chat_template)
+        return self.workers[m]
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        return self.sample(self.worker, [json.loads(p) for p in batch["prompt_json"]], batch["index"],
-                           int(batch["index"][0]))
+        model_idx = np.asarray(batch["model"], dtype=np.int64)
+        parts = []
+        for m in dict.fromkeys(model_idx.tolist()):  # models in order of appearance
+            rows = np.flatnonzero(model_idx == m)
+            prompts = [json.loads(batch["prompt_json"][i]) for i in rows]
+            part = self.sample(self._worker(m), prompts, np.asarray(batch["index"])[rows],
+                               int(batch["prompt_index"][rows[0]]))
+            part["model"] = np.full(len(rows), m, dtype=np.int64)
+            parts.append(part)
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     def sample(self, worker: Any, prompts: list[Any], index: Any, seed_index: int) -> dict[str, Any]:
         """Sample `prompts` with `worker` (seeded by `seed_index`), score them under the reference."""
@@ -64,55 +90,6 @@ class Generator:
             ref, _ = self.reference.logps_ids(out["prompt_ids"], out["response_ids"])
             result["ref_logp"] = ref
         return result
-
-
-class MultiModelGenerator(Generator):
-    """A Ray Data callable over rows of several models (`model` column = index into `models`).
-
-    A batch may straddle two models: its rows are split by model and each part is sampled by that
-    model's RolloutWorker, seeded by (seed, the part's first prompt index), so results depend on the
-    inputs, not on which actor ran them; where batches line up with the models' rows (the prompt count
-    a multiple of the batch size) every model meets the same prompts with the same seeds."""
-
-    CACHE = 2  # models kept loaded per actor; rows arrive ordered by model, so reloads are rare
-
-    def __init__(self, models: list[str], sampling: dict[str, Any], seed: int, num_cpus: float,
-                 reference: str | None = None, apply_chat_template: bool = True):
-        from raylign.workers.rollout import RolloutWorker
-
-        self.models = models
-        self.num_cpus = num_cpus
-        self.apply_chat_template = apply_chat_template
-        self.workers: dict[int, Any] = {}
-        self._worker_cls = RolloutWorker
-        self.reference = None
-        if reference is not None:
-            from raylign.evaluation.scorers import LogLikelihood
-
-            self.reference = LogLikelihood(reference, apply_chat_template=apply_chat_template)
-        self.sampling = {**sampling, "n_samples": 1}
-        self.seed = seed
-        self.actor = f"{os.uname().nodename}:{os.getpid()}"
-
-    def _worker(self, m: int) -> Any:
-        if m not in self.workers:
-            while len(self.workers) >= self.CACHE:
-                self.workers.pop(next(iter(self.workers)))
-            self.workers[m] = self._worker_cls(0, 1, self.num_cpus, {"path": self.models[m]}, seed=self.seed,
-                                               apply_chat_template=self.apply_chat_template)
-        return self.workers[m]
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        model_idx = np.asarray(batch["model"], dtype=np.int64)
-        parts = []
-        for m in dict.fromkeys(model_idx.tolist()):  # models in order of appearance
-            rows = np.flatnonzero(model_idx == m)
-            prompts = [json.loads(batch["prompt_json"][i]) for i in rows]
-            part = self.sample(self._worker(m), prompts, np.asarray(batch["index"])[rows],
-                               int(batch["prompt_index"][rows[0]]))
-            part["model"] = np.full(len(rows), m, dtype=np.int64)
-            parts.append(part)
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 def _run_pool(items: list[dict[str, Any]], cls: type, ctor: dict[str, Any], actors: int, cpus_per_actor: float,
@@ -181,7 +158,7 @@ def generate_checkpoints_with_ray_data(
     sampling = {"max_new_tokens": max_new_tokens, "temperature": temperature, "batch_size": batch_size}
     ctor = {"models": list(models), "sampling": sampling, "seed": seed, "num_cpus": cpus_per_actor,
             "reference": reference, "apply_chat_template": apply_chat_template}
-    rows, seconds = _run_pool(items, MultiModelGenerator, ctor, actors, cpus_per_actor, batch_size, progress)
+    rows, seconds = _run_pool(items, Generator, ctor, actors, cpus_per_actor, batch_size, progress)
     n = len(prompts)
     return {
         "per_model": [_columns(rows[k * n : (k + 1) * n], reference is not None) for k in range(len(models))],
@@ -210,20 +187,8 @@ def generate_with_ray_data(
     Returns {completions, tokens, logp, ref_logp (with a reference), finished, actors (distinct actor
     ids that produced rows), seconds, generations_per_second}, lists in prompt order.
     """
-    from raylign.models import resolve_model_path
-
-    if actors < 1:
-        raise ValueError(f"actors must be >= 1, got {actors}")
-    resolve_model_path(model)  # build tiny:/builtin: models once here, not in every actor
-    if reference is not None:
-        resolve_model_path(reference)
-    items = [{"index": i, "prompt_json": json.dumps(p)} for i, p in enumerate(prompts)]
-    sampling = {"max_new_tokens": max_new_tokens, "temperature": temperature, "batch_size": batch_size}
-    ctor = {"model": model, "sampling": sampling, "seed": seed, "num_cpus": cpus_per_actor,
-            "reference": reference, "apply_chat_template": apply_chat_template}
-    rows, seconds = _run_pool(items, Generator, ctor, actors, cpus_per_actor, batch_size, progress)
-    out = _columns(rows, reference is not None)
-    out["actors"] = sorted({str(r["actor"]) for r in rows})
-    out["seconds"] = seconds
-    out["generations_per_second"] = len(rows) / seconds if seconds > 0 else float("inf")
-    return out
+    gen = generate_checkpoints_with_ray_data(
+        prompts, [model], max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, actors=actors,
+        cpus_per_actor=cpus_per_actor, batch_size=batch_size, reference=reference,
+        apply_chat_template=apply_chat_template, progress=progress)
+    return {**gen.pop("per_model")[0], **gen}
