@@ -103,19 +103,21 @@ def training_batch(rollouts: dict[str, Any], pad_id: int) -> dict[str, np.ndarra
     n = len(rows)
     ids = np.full((n, width), pad_id, dtype=np.int64)
     attn = np.zeros((n, width), dtype=np.int64)
-    loss_mask = np.zeros((n, width), dtype=np.int64)
-    old = np.zeros((n, width), dtype=np.float32)
-    for i, (row, prompt, logps) in enumerate(zip(rows, rollouts["prompt_ids"], rollouts["logprobs"], strict=True)):
+    for i, row in enumerate(rows):
         ids[i, : len(row)] = row
         attn[i, : len(row)] = 1
-        loss_mask[i, len(prompt) : len(row)] = 1
-        old[i, len(prompt) : len(row)] = logps
-    batch = {"input_ids": ids, "attention_mask": attn, "loss_mask": loss_mask, "old_logps": old}
+
+    def at_responses(per_row: list[Any], dtype: Any) -> np.ndarray:
+        """Per-row response values placed at the response positions of the padded rows (0 elsewhere)."""
+        out = np.zeros((n, width), dtype=dtype)
+        for i, (row, prompt, values) in enumerate(zip(rows, rollouts["prompt_ids"], per_row, strict=True)):
+            out[i, len(prompt) : len(row)] = values
+        return out
+
+    batch = {"input_ids": ids, "attention_mask": attn, "loss_mask": at_responses([1] * n, np.int64),
+             "old_logps": at_responses(rollouts["logprobs"], np.float32)}
     if "ref_logps" in rollouts:
-        ref = np.zeros((n, width), dtype=np.float32)
-        for i, (row, prompt, logps) in enumerate(zip(rows, rollouts["prompt_ids"], rollouts["ref_logps"], strict=True)):
-            ref[i, len(prompt) : len(row)] = logps
-        batch["ref_logps"] = ref
+        batch["ref_logps"] = at_responses(rollouts["ref_logps"], np.float32)
     return batch
 
 
@@ -189,7 +191,6 @@ class OnlineRun:
         self.config = config
         self.algorithm = rl_algorithm(config)
         self.pad_id = tokenizer_pad_id
-        self.reference_on_workers = config.rollout.reference_on_workers
         self.policy = self.critic = self.rollout = self.reward = None
         self.game: Any = None  # the adversarial pipeline's second player, if any
         try:
@@ -218,7 +219,7 @@ class OnlineRun:
             max_restarts=ROLLOUT_RESTARTS, actor_name_prefix=f"{prefix}-rollout",
             init_kwargs={"model": config.model.model_dump(), "seed": config.seed,
                          "apply_chat_template": config.data.apply_chat_template,
-                         "reference": self.reference_on_workers})
+                         "reference": config.rollout.reference_on_workers})
         reward_kwargs: dict[str, Any] = {"reward": config.reward.model_dump(), "tokenizer": config.model.path}
         if config.algorithm == "adversarial":
             reward_kwargs["discriminator"] = discriminator_kwargs(config)
@@ -248,7 +249,7 @@ class OnlineRun:
         parts = split_list(prompts, len(self.rollout))
         offsets = list(np.cumsum([0] + [len(p) for p in parts[:-1]]))
         refs = [w.generate.remote(part, sampling, seed=seed + i, weights=weights, version=version,
-                                  reference=self.reference_on_workers)
+                                  reference=self.config.rollout.reference_on_workers)
                 for i, (w, part) in enumerate(zip(self.rollout.workers, parts, strict=True)) if part]
         return refs, [int(o) for o, p in zip(offsets, parts, strict=True) if p]
 

@@ -32,9 +32,9 @@ from raylign.serving.settings import ServeSettings
 
 DEPLOYMENT_NAME = "raylign"
 APP_NAME = "raylign"
-logger = logging.getLogger("ray.serve")
+logger = logging.getLogger("ray.serve")  # Serve writes this logger to the replica's log file
 # Generation batches in flight at once per replica (their rows are capped by the engine's max_rows).
-CONCURRENT_BATCHES = 64  # Serve writes this logger to the replica's log file
+CONCURRENT_BATCHES = 64
 
 
 def _rows(jobs: list[Job]) -> int:

@@ -181,12 +181,12 @@ def make_objective(name: str, config: RunConfig) -> Objective:
         mask, old, adv = (batch[k][:, start:] for k in ("loss_mask", "old_logps", "advantages"))
         logits = rl_logits(model, ids, temperature, start)
         logp = token_logps(logits, ids[:, start:])
-        weights = None
+        clip_against, weights = old, None
         if decoupled:  # sampled one update ago: clip against the policy as the step began, reweight
-            prox = batch["prox_logps"][:, start:] if "prox_logps" in batch else logp.detach()
-            weights = behavior_weights(prox, old, mask, rl.behavior_weight_cap)
-        loss, stats = clipped_policy_loss(logp, prox if decoupled else old, adv, mask, rl.clip_eps,
-                                          rl.clip_eps_high, rl.dual_clip, rl.aggregation, weights)
+            clip_against = batch["prox_logps"][:, start:] if "prox_logps" in batch else logp.detach()
+            weights = behavior_weights(clip_against, old, mask, rl.behavior_weight_cap)
+        loss, stats = clipped_policy_loss(logp, clip_against, adv, mask, rl.clip_eps, rl.clip_eps_high,
+                                          rl.dual_clip, rl.aggregation, weights)
         sums = {"pg_loss_sum": loss.item()}
         if weights is not None:
             sums["behavior_weight_sum"] = masked_mean(weights, mask).item()

@@ -30,7 +30,6 @@ def chunk_seed(seed: int, chunk: int) -> int:
     return int(np.random.SeedSequence([seed, chunk]).generate_state(1)[0] >> 1)
 
 
-
 @torch.no_grad()
 def sample_batch(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_samples: int,
                  cfg: RolloutConfig, eos_ids: np.ndarray, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
