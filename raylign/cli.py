@@ -21,7 +21,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from raylign.data import DataError
     from raylign.models import ModelNotFoundError
     from raylign.rewards import RewardSourceError
-    from raylign.workers.group import ResourceError
+    from raylign.runtime import ResourceError
 
     return (ConfigError, DataError, ModelNotFoundError, RewardSourceError, ResourceError, FileNotFoundError)
 

@@ -97,7 +97,7 @@ def _run_pool(items: list[dict[str, Any]], cls: type, ctor: dict[str, Any], acto
     """map_batches(cls) over `items` on an actor pool; rows sorted by `index`, and the seconds taken."""
     import ray
 
-    from raylign.workers.group import init_ray
+    from raylign.runtime import init_ray
 
     if actors < 1:
         raise ValueError(f"actors must be >= 1, got {actors}")

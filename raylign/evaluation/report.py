@@ -123,7 +123,7 @@ def _fmt(value: float) -> str:
 
 def write_run_report(run_dir: str | Path) -> dict[str, Any]:
     """Plots and `report.md` for a training run directory; returns {report, plots, steps}."""
-    from raylign.pipelines.run_dir import read_metrics
+    from raylign.rundir import read_metrics
 
     run = Path(run_dir).expanduser()
     if not (run / "metrics.jsonl").is_file():

@@ -10,8 +10,9 @@ from rich.console import Console
 from raylign.config import ConfigError, RunConfig
 from raylign.pipelines.adversarial import run_adversarial
 from raylign.pipelines.multitask import MULTITASK_ALGORITHMS, run_multitask
-from raylign.pipelines.offline import OFFLINE_ALGORITHMS, RunResult, run_offline
+from raylign.pipelines.offline import OFFLINE_ALGORITHMS, run_offline
 from raylign.pipelines.online import ONLINE_ALGORITHMS, run_online
+from raylign.rundir import RunResult
 
 PIPELINES = (dict.fromkeys(OFFLINE_ALGORITHMS, run_offline) | dict.fromkeys(ONLINE_ALGORITHMS, run_online)
              | {"adversarial": run_adversarial} | dict.fromkeys(MULTITASK_ALGORITHMS, run_multitask))

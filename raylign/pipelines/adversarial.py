@@ -31,8 +31,9 @@ from rich.console import Console
 
 from raylign.algorithms.adversarial import mc_prefix_values
 from raylign.config import ConfigError, RunConfig
-from raylign.pipelines.offline import RunResult, step_indices
+from raylign.pipelines.offline import step_indices
 from raylign.pipelines.online import run_online, step_seed
+from raylign.rundir import RunResult
 from raylign.workers.reward import merge_scores
 
 DISCRIMINATOR_DIR = "discriminator"

@@ -136,7 +136,8 @@ def run_annotate(
     from raylign.data import DataError, load_dataset
     from raylign.models import resolve_model_path
     from raylign.rewards import as_scores, build_reward_source
-    from raylign.workers.group import WorkerGroup, init_ray
+    from raylign.runtime import init_ray
+    from raylign.workers.group import WorkerGroup
     from raylign.workers.rollout import RolloutWorker
 
     console = console or Console()

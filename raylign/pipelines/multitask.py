@@ -25,7 +25,6 @@ from tqdm.auto import tqdm
 from raylign.algorithms.task_weighting import priority_active, relative_improvement
 from raylign.config import ConfigError, RunConfig, TaskConfig
 from raylign.pipelines.offline import (
-    RunResult,
     _add,
     _attach_reference_logps,
     collate,
@@ -34,8 +33,9 @@ from raylign.pipelines.offline import (
     step_indices,
     summarize_sums,
 )
-from raylign.pipelines.run_dir import RunDir
-from raylign.workers.group import WorkerGroup, init_ray, shard_batch
+from raylign.rundir import RunDir, RunResult
+from raylign.runtime import init_ray
+from raylign.workers.group import WorkerGroup, shard_batch
 from raylign.workers.multitask import REFERENCE_LOSSES, MultiTaskLearner
 
 MULTITASK_ALGORITHMS = ("multitask",)

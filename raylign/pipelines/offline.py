@@ -11,7 +11,6 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -19,8 +18,9 @@ from rich.console import Console
 from tqdm.auto import tqdm
 
 from raylign.config import ConfigError, RunConfig
-from raylign.pipelines.run_dir import RunDir
-from raylign.workers.group import WorkerGroup, init_ray
+from raylign.rundir import RunDir, RunResult
+from raylign.runtime import init_ray
+from raylign.workers.group import WorkerGroup
 from raylign.workers.learner import LearnerWorker
 from raylign.workers.objectives import NEEDS_REFERENCE, count_units
 
@@ -33,19 +33,6 @@ OFFLINE_ALGORITHMS: dict[str, tuple[str, tuple[str, ...]]] = {
     "orpo": ("orpo", ("pairs",)),
     "kto": ("kto", ("unpaired",)),
 }
-
-
-@dataclass
-class RunResult:
-    run_dir: str
-    steps: int
-    final_metrics: dict[str, Any] = field(default_factory=dict)
-
-    def summary_line(self) -> str:
-        shown = ", ".join(
-            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.final_metrics.items()
-        )
-        return f"done: {self.steps} steps -> {self.run_dir}/final  ({shown})"
 
 
 # ---- encoding ------------------------------------------------------------------------------------

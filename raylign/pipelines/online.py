@@ -41,9 +41,10 @@ from raylign.algorithms.diversity import distinct_n
 from raylign.algorithms.kl import AdaptiveKLController, FixedKLController, kl_estimate
 from raylign.config import ConfigError, RunConfig
 from raylign.evaluation.metrics import reward_length_correlation
-from raylign.pipelines.offline import RunResult, _add, step_indices
-from raylign.pipelines.run_dir import RunDir
-from raylign.workers.group import WorkerGroup, init_ray, shard_batch
+from raylign.pipelines.offline import _add, step_indices
+from raylign.rundir import RunDir, RunResult
+from raylign.runtime import init_ray
+from raylign.workers.group import WorkerGroup, shard_batch
 from raylign.workers.learner import LearnerWorker
 from raylign.workers.objectives import rl_units
 from raylign.workers.reward import RewardWorker, merge_scores

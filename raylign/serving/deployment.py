@@ -53,8 +53,8 @@ class RaylignServer:
     def __init__(self, settings: dict[str, Any]):
         import torch
 
+        from raylign.runtime import cpu_threads, quiet_libraries
         from raylign.serving.engine import Engine
-        from raylign.workers.group import cpu_threads, quiet_libraries
 
         self.settings = ServeSettings.model_validate(settings)
         # What Ray gave this replica, which a Serve config's ray_actor_options may have changed.

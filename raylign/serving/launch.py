@@ -48,8 +48,8 @@ def serve_forever(settings: ServeSettings, host: str = "127.0.0.1", port: int = 
     import ray
     from ray import serve
 
+    from raylign.runtime import ResourceError, init_ray
     from raylign.serving.deployment import APP_NAME, build_app
-    from raylign.workers.group import ResourceError, init_ray
 
     attach = bool(ray_address or os.environ.get("RAY_ADDRESS")) or ray.is_initialized()
     check_before_start(settings, host, port, attach)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from raylign.config import RunConfig, load_config
-from raylign.pipelines.run_dir import CHECKPOINT_PREFIX, read_metrics
+from raylign.rundir import CHECKPOINT_PREFIX, read_metrics
 from raylign.tuning.objective import alignment_objective
 from raylign.tuning.spec import TuneSpec, override_item
 

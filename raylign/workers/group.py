@@ -1,9 +1,8 @@
-"""Ray connection and worker groups: a placement group + N actors + fan-out/fan-in helpers."""
+"""Worker groups: a placement group + N actors + fan-out/fan-in helpers (the Ray connection is in
+`raylign.runtime`)."""
 
 from __future__ import annotations
 
-import logging
-import os
 import uuid
 from typing import Any
 
@@ -12,44 +11,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-log = logging.getLogger(__name__)
-
-
-class ResourceError(RuntimeError):
-    """The cluster cannot host the requested actors; the message says what to change."""
-
-
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Connect to Ray once. Under `ray job submit` (RAY_ADDRESS set) or with an address this attaches
-    to the cluster; otherwise it starts an embedded local Ray. Already connected: do nothing."""
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    kwargs: dict[str, Any] = {"log_to_driver": True, "logging_level": logging.WARNING}
-    if address:
-        ray.init(address=address, **kwargs)
-        # One line, so a job's log shows it joined the cluster rather than starting its own Ray.
-        print(f"raylign: attached to the Ray cluster at {address}", flush=True)
-    else:
-        # A private local instance, so a stale `ray start` cluster elsewhere on the machine is never joined.
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
-
-
-def cpu_threads(num_cpus: float) -> int:
-    """Threads for an actor given its CPU share: oversubscription is the first CPU performance bug."""
-    return max(1, int(num_cpus))
-
-
-def quiet_libraries() -> None:
-    """Inside actors: no per-file progress bars or info logs from transformers (they flood the driver)."""
-    import warnings
-
-    import transformers
-
-    # transformers' own deprecation notices about its internals are not the user's to act on.
-    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+from raylign.runtime import ResourceError
 
 
 def shard_batch(batch: dict[str, np.ndarray], n: int) -> list[dict[str, np.ndarray]]:

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from raylign.algorithms.logprobs import sequence_logps, token_logps
 from raylign.config import RunConfig
-from raylign.workers.group import cpu_threads, quiet_libraries
+from raylign.runtime import cpu_threads, quiet_libraries
 from raylign.workers.objectives import (
     MODEL_KIND,
     NEEDS_REFERENCE,

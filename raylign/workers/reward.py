@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from raylign.config import RewardConfig
-from raylign.workers.group import cpu_threads
+from raylign.runtime import cpu_threads
 
 
 class RewardWorker:

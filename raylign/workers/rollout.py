@@ -22,7 +22,7 @@ from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsW
 from raylign.config import ModelConfig, RolloutConfig
 from raylign.models.hf import cache_argument
 from raylign.models.lora import is_lora_weight, lora_merge_deltas, plain_param_name, uses_conv1d
-from raylign.workers.group import cpu_threads, quiet_libraries
+from raylign.runtime import cpu_threads, quiet_libraries
 
 
 def chunk_seed(seed: int, chunk: int) -> int:

@@ -78,7 +78,7 @@ def test_eval_user_errors_are_one_line(tmp_path, capsys):
 
 def test_report_on_a_finished_tiny_run_writes_plots(tmp_path, capsys):
     from raylign.config import load_config
-    from raylign.pipelines.run_dir import RunDir
+    from raylign.rundir import RunDir
 
     cfg = load_config("grpo", [f"output.dir={tmp_path}", "output.name=run", "output.tensorboard=false"])
     run = RunDir(cfg)

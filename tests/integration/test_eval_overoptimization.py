@@ -11,7 +11,7 @@ import pytest
 from raylign.cli import main
 from raylign.config import load_config
 from raylign.pipelines import run_pipeline
-from raylign.pipelines.run_dir import read_metrics
+from raylign.rundir import read_metrics
 from tests.conftest import write_jsonl
 
 pytestmark = pytest.mark.ray

@@ -18,7 +18,7 @@ import pytest
 
 from raylign.config import load_config
 from raylign.pipelines import run_pipeline
-from raylign.pipelines.run_dir import read_metrics
+from raylign.rundir import read_metrics
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 

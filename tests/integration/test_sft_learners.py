@@ -14,7 +14,7 @@ import pytest
 
 from raylign.config import load_config
 from raylign.pipelines import run_pipeline
-from raylign.pipelines.run_dir import read_metrics
+from raylign.rundir import read_metrics
 from raylign.workers.group import WorkerGroup
 from raylign.workers.learner import LearnerWorker
 from raylign.workers.objectives import count_units

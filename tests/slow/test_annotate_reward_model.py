@@ -9,8 +9,8 @@ from raylign.cli import main
 from raylign.config import load_config
 from raylign.data import load_dataset
 from raylign.pipelines import run_pipeline
-from raylign.pipelines.run_dir import read_metrics
 from raylign.rewards import build_reward_source
+from raylign.rundir import read_metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
 

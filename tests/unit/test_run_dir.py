@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from raylign.config import ConfigError, load_config
-from raylign.pipelines.run_dir import RunDir, read_metrics
+from raylign.rundir import RunDir, read_metrics
 from raylign.workers.group import shard_batch
 
 

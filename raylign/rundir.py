@@ -1,5 +1,8 @@
-"""The run directory `runs/<name>/` of DESIGN.md: resolved config, metrics, TensorBoard, samples,
-atomic checkpoints and `final/`."""
+"""The run directory contract `runs/<name>/` of DESIGN.md: the resolved config, metrics, trackers,
+samples, atomic checkpoints and `final/`, and the name of every file a run or a checkpoint holds.
+
+Every loop, worker and tool that reads or writes a run uses these names; none spells a file name itself.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +11,34 @@ import math
 import os
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from raylign.config import ConfigError, RunConfig, dump_config
 
-CHECKPOINT_PREFIX = "step_"
+# The run directory.
+CONFIG_FILE = "config.yaml"  # the resolved config
+METRICS_FILE = "metrics.jsonl"  # one JSON row per logged step
+SAMPLES_FILE = "samples.jsonl"  # generations as training goes
+TENSORBOARD_DIR = "tb"
+CHECKPOINTS_DIR = "checkpoints"
+CHECKPOINT_PREFIX = "step_"  # checkpoints/step_<n>/
+FINAL_DIR = "final"  # loadable by transformers and `raylign serve`
+REFERENCE_CACHE_PREFIX = "ref_logps_"  # ref_logps_<fingerprint>.npz: precomputed reference log-probs
+
+# Inside a checkpoint.
+TRAINER_STATE = "trainer_state.json"  # the driver's state: {"step": n, ...}
+MODEL_DIR = "model"  # the HF model dir of a learner checkpoint (LoRA merged)
+TRAINABLE_WEIGHTS = "trainable.safetensors"  # the trainable tensors (the adapter only under LoRA)
+OPTIMIZER_STATE = "optimizer.pt"  # optimizer + scheduler state (weights_only torch file)
+RNG_STATE = "rng.pt"  # the learner's torch RNG state
+LEARNER_INFO = "learner.json"  # {"world_size": n}
+CRITIC_DIR = "critic"  # PPO: the critic's learner checkpoint
+PENDING_ROLLOUTS = "rollouts.npz"  # rollout.overlap: the batch sampled for the next step (arrays)
+PENDING_ROLLOUTS_META = "rollouts.json"  # ... and its texts, versions and timings
+DISCRIMINATOR_DIR = "discriminator"  # adversarial: D's weights and optimizer (also under final/)
+ADVERSARIAL_STATE = "adversarial_state.json"  # adversarial: replay buffer and collapse watch
 
 
 def _jsonable(value: Any) -> Any:
@@ -23,6 +48,21 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+@dataclass
+class RunResult:
+    """What a finished run hands back: its directory, step count and headline metrics."""
+
+    run_dir: str
+    steps: int
+    final_metrics: dict[str, Any] = field(default_factory=dict)
+
+    def summary_line(self) -> str:
+        shown = ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.final_metrics.items()
+        )
+        return f"done: {self.steps} steps -> {self.run_dir}/{FINAL_DIR}  ({shown})"
 
 
 class RunDir:
@@ -42,21 +82,21 @@ class RunDir:
         if resume and not self.path.exists():
             raise ConfigError(f"--resume: run directory {self.path} does not exist")
         self.path.mkdir(parents=True, exist_ok=True)
-        self.checkpoints = self.path / "checkpoints"
+        self.checkpoints = self.path / CHECKPOINTS_DIR
         self.checkpoints.mkdir(exist_ok=True)
         self.keep_last = config.output.keep_last
-        (self.path / "config.yaml").write_text(dump_config(config))
-        self._metrics = open(self.path / "metrics.jsonl", "a", encoding="utf-8")
-        self._samples = open(self.path / "samples.jsonl", "a", encoding="utf-8")
+        (self.path / CONFIG_FILE).write_text(dump_config(config))
+        self._metrics = open(self.path / METRICS_FILE, "a", encoding="utf-8")
+        self._samples = open(self.path / SAMPLES_FILE, "a", encoding="utf-8")
         self._tb = None
         if config.output.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(self.path / "tb"))
+            self._tb = SummaryWriter(log_dir=str(self.path / TENSORBOARD_DIR))
 
     @property
     def final(self) -> Path:
-        return self.path / "final"
+        return self.path / FINAL_DIR
 
     def log_metrics(self, step: int, metrics: dict[str, Any]) -> None:
         row = {"step": step, "time": round(time.time(), 3)}
@@ -108,7 +148,7 @@ class RunDir:
 
     def truncate_logs_after(self, step: int) -> None:
         """On resume, drop metric/sample rows written after the checkpoint so the history is not doubled."""
-        for fh_name, file in (("_metrics", "metrics.jsonl"), ("_samples", "samples.jsonl")):
+        for fh_name, file in (("_metrics", METRICS_FILE), ("_samples", SAMPLES_FILE)):
             getattr(self, fh_name).close()
             path = self.path / file
             kept = [
@@ -126,5 +166,15 @@ class RunDir:
 
 
 def read_metrics(run_path: str | Path) -> list[dict[str, Any]]:
-    path = Path(run_path) / "metrics.jsonl"
+    """Every row of a run's metrics.jsonl."""
+    path = Path(run_path) / METRICS_FILE
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
+    """The driver's state saved in a checkpoint (`TRAINER_STATE`): at least {"step": n}."""
+    return json.loads((Path(checkpoint) / TRAINER_STATE).read_text())
+
+
+def write_trainer_state(checkpoint: str | Path, state: dict[str, Any]) -> None:
+    (Path(checkpoint) / TRAINER_STATE).write_text(json.dumps(state))
