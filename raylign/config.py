@@ -1,8 +1,8 @@
 """Typed run configuration: pydantic models for every recipe section, YAML recipes, dotted overrides.
 
 A recipe is a YAML file whose top-level keys are the sections below. `load_config` reads a built-in
-recipe name or a path, applies `key=value` overrides (`train.lr=1e-5 rollout.workers=2`) and
-validates everything before anything starts. Every mistake a user can make (unknown key, wrong
+recipe name or a path, applies `key=value` overrides (`train.lr=1e-5 resources.rollout_workers=2`)
+and validates everything before anything starts. Every mistake a user can make (unknown key, wrong
 type, missing file) becomes one `ConfigError` naming the key, the expected type and the valid keys.
 """
 
@@ -83,7 +83,6 @@ class RewardConfig(Section):
 class RolloutConfig(Section):
     """Sampling settings for rollout workers and for evaluation generation."""
 
-    workers: int = Field(1, ge=1)
     prompts_per_step: int = Field(8, gt=0, description="online RL: prompts sampled per step (x n_samples)")
     batch_size: int = Field(8, gt=0, description="prompts per generate call on one worker (memory bound)")
     n_samples: int = Field(1, ge=1, description="completions per prompt (GRPO group size)")
@@ -278,11 +277,19 @@ class OutputConfig(Section):
     overwrite: bool = False
 
 
+# Every algorithm `raylign train` runs (IPO and cDPO are DPO's preference.loss_type / label_smoothing).
+Algorithm = Literal["sft", "reward", "dpo", "simpo", "orpo", "kto", "ppo", "grpo", "rloo", "reinforce_pp",
+                    "adversarial", "multitask"]
+ALGORITHMS: tuple[str, ...] = typing.get_args(Algorithm)
+# Keys that moved: the old spelling fails with a pointer to the new one.
+MOVED_KEYS = {"rollout.workers": "resources.rollout_workers", "output.tensorboard": "output.trackers"}
+
+
 class RunConfig(Section):
     """A whole recipe."""
 
     recipe: str = "custom"
-    algorithm: str = "sft"
+    algorithm: Algorithm = "sft"
     description: str = ""
     seed: int = 0
     progress: bool = True
@@ -423,6 +430,13 @@ def _type_name(annotation: Any) -> str:
     return str(annotation)
 
 
+def _literal_values(annotation: Any) -> list[Any]:
+    """The allowed values of a Literal annotation (inside Optional/unions too)."""
+    if typing.get_origin(annotation) is Literal:
+        return list(typing.get_args(annotation))
+    return [v for arg in typing.get_args(annotation) for v in _literal_values(arg)]
+
+
 def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
     """pydantic appends union-member tags (e.g. 'LoraConfig', 'literal[...]') to locations; drop them."""
     return tuple(p for i, p in enumerate(loc) if isinstance(p, int) or _model_at(loc[:i]) is not None)
@@ -431,6 +445,9 @@ def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
 def _format_error(loc: tuple[Any, ...], err: dict[str, Any], several: bool) -> str:
     dotted = ".".join(str(p) for p in loc)
     if err["type"] == "extra_forbidden":
+        moved = MOVED_KEYS.get(".".join(str(p) for p in loc if not isinstance(p, int)))
+        if moved:
+            return f"unknown key '{dotted}'. Did you mean '{moved}'? (the key moved there)"
         parent = _model_at(loc[:-1])
         valid = sorted(parent.model_fields) if parent else []
         close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
@@ -444,8 +461,14 @@ def _format_error(loc: tuple[Any, ...], err: dict[str, Any], several: bool) -> s
     if parent is not None and str(loc[-1]) in parent.model_fields:
         expected = f"expected {_type_name(parent.model_fields[str(loc[-1])].annotation)}"
     got = f"got {err['input']!r} ({type(err['input']).__name__})" if "input" in err else ""
+    if err["type"] == "literal_error" and isinstance(err.get("input"), str) and parent is not None:
+        choices = [str(a) for a in _literal_values(parent.model_fields[str(loc[-1])].annotation)]
+        close = difflib.get_close_matches(err["input"], choices, n=1)
+        if close:
+            got += f". Did you mean '{close[0]}'?"
     # With several union members failing, pydantic's per-member messages only confuse.
-    detail = "" if several else f" ({err['msg'].removeprefix('Value error, ')})"
+    quiet = several or err["type"] == "literal_error"  # the expected values are already listed
+    detail = "" if quiet else f" ({err['msg'].removeprefix('Value error, ')})"
     return f"'{dotted}': " + "; ".join(x for x in (expected, got) if x) + detail
 
 
