@@ -39,7 +39,7 @@ class Purpose(IntEnum):
     MINIBATCH = 2  # order of an RL step's completions across minibatches
     EVAL = 3  # held-out generation of the online loop (step 0 every time: before/after differ by weights)
     DISCRIMINATOR = 4  # replayed and human texts drawn for the discriminator's update
-    WARMUP = 5  # the discriminator's warm-up batches (step = warm-up update)
+    WARMUP = 5  # the discriminator's warm-up batches: prompts and texts drawn (step = warm-up update)
     PREFIX = 6  # SeqGAN Monte-Carlo continuations of response prefixes
     ANNOTATE = 7  # `raylign data annotate` sampling (index = the chunk's first prompt)
     GENERATE = 8  # `raylign eval` generation (index = the part's first prompt)
@@ -47,7 +47,8 @@ class Purpose(IntEnum):
     SPLIT = 10  # the train/validation split of a data file (seed = data.split_seed)
     BOOTSTRAP = 11  # bootstrap resampling of an evaluation statistic
     TASK_WEIGHTING = 12  # PCGrad's projection order
-    INIT = 13  # process-global torch/numpy/random generators of an actor (index = rank)
+    INIT = 13  # process-global torch/numpy/random generators of an actor
+    WARMUP_SAMPLE = 14  # sampling of the discriminator's warm-up batches (step = warm-up update)
 
 
 def _words(seed: int, purpose: int, step: int, index: int) -> list[int]:

@@ -8,6 +8,7 @@ prompt and padding); results are zero outside the mask and carry no gradient. Se
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -188,3 +189,73 @@ def group_advantages(
         std = (sq / (counts - 1).clamp(min=1)).sqrt()[inverse]
         centred = centred / (std + eps)
     return centred.to(scores.dtype)
+
+
+def compute_advantages(
+    algorithm: str,
+    scores: torch.Tensor,
+    logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    mask: torch.Tensor,
+    group_ids: Any,
+    *,
+    kl_coef: float,
+    kl_in_reward: bool,
+    kl_estimator: str = "k3",
+    scale_rewards: bool = True,
+    whiten: bool = True,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    values: torch.Tensor | None = None,
+    prefix_values: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
+    """Advantages of one RL batch: (advantages [B, T], returns [B, T] for PPO's critic or None, metrics).
+
+    Token tensors are [B, T] over the predicted tokens (the caller drops column 0 of its
+    input-aligned arrays): `logp` the sampling log-probs, `ref_logp` the reference's, `mask` 1 on
+    response tokens, `values` V(s_t) (PPO); `scores` [B] one reward per completion; `group_ids` [B]
+    which prompt each completion answers (GRPO, RLOO).
+
+    KL_t is `kl_estimate(logp, ref_logp, kl_estimator)` clamped at 10. When `kl_in_reward` the penalty
+    β·KL (β = kl_coef) enters the reward: per token for PPO and REINFORCE++ (r_t = −β·KL_t, the score
+    added on the last token), per sequence (score − β·Σ_t KL_t) for GRPO and RLOO. Then
+      - grpo / rloo: group-relative advantages of the shaped sequence rewards (Shao et al. 2024;
+        Ahmadian et al. 2024), broadcast to every response token;
+      - reinforce_pp: whitened discounted returns (REINFORCE++, Hu 2025);
+      - ppo (named "gae"): GAE(γ, λ) against the critic's values (Schulman et al. 2016), whitened when
+        `whiten`; returns = advantages + values are the critic's targets.
+    `prefix_values` [B, T] (Monte-Carlo Q_t per response prefix, SeqGAN) replace the score on the last
+    token by r_t = Q_t − Q_{t−1} on every token (token-level algorithms only).
+    """
+    from raylign.algorithms.adversarial import prefix_token_rewards
+    from raylign.algorithms.kl import kl_estimate
+
+    kl = kl_estimate(logp, ref_logp, kl_estimator, clamp=10.0, mask=mask)  # [B, T]
+    beta = kl_coef if kl_in_reward else 0.0
+    returns = None
+
+    def token_rewards() -> torch.Tensor:  # [B, T]
+        if prefix_values is None:
+            return token_rewards_with_kl(scores, kl, mask, beta)
+        return prefix_token_rewards(prefix_values, mask) - beta * kl.detach() * mask
+
+    if prefix_values is not None and algorithm in ("grpo", "rloo"):
+        raise ValueError(f"per-prefix rewards need a token-level algorithm (ppo, reinforce_pp), not {algorithm}")
+    if algorithm in ("grpo", "rloo"):
+        shaped = scores - beta * (kl * mask).sum(-1)  # [B]
+        adv = group_advantages(shaped, group_ids, algorithm, scale_std=scale_rewards)[:, None] * mask
+    elif algorithm == "reinforce_pp":
+        adv = masked_whiten(discounted_returns(token_rewards(), mask, gamma), mask)
+    elif algorithm in ("ppo", "gae"):
+        if values is None:
+            raise ValueError("PPO's advantages need the critic's values")
+        adv, returns = gae(token_rewards(), values, mask, gamma, lam)
+        if whiten:
+            adv = masked_whiten(adv, mask)
+    else:
+        raise ValueError(f"no advantage estimator for algorithm '{algorithm}'")
+    adv = adv.float()
+    metrics = {"kl/seq_mean": float((kl * mask).sum(-1).mean()), "kl/token_mean": float(masked_mean(kl, mask)),
+               "advantage/mean": float(masked_mean(adv, mask)),
+               "advantage/abs_mean": float(masked_mean(adv.abs(), mask))}
+    return adv, returns, metrics

@@ -32,3 +32,17 @@ def sequence_logps(
     if average:
         return total / mask.sum(-1).clamp(min=1)
     return total
+
+
+def response_start(loss_mask: torch.Tensor) -> int:
+    """The first position where any row's response begins (>= 1): no logit before it is needed."""
+    cols = loss_mask.bool().any(0).nonzero()
+    return max(int(cols[0]), 1) if len(cols) else loss_mask.shape[1] - 1
+
+
+def rl_logits(model: torch.nn.Module, input_ids: torch.Tensor, temperature: float, start: int) -> torch.Tensor:
+    """Logits predicting tokens start..T-1, [B, T - start, V], divided by the sampling temperature so
+    that log-probs are those of the distribution the rollout workers sampled from. `logits_to_keep`
+    skips the LM head (a vocabulary-sized matmul per token) on the prompt positions."""
+    keep = input_ids.shape[1] - start + 1
+    return model(input_ids=input_ids, logits_to_keep=keep).logits[:, :-1].float() / temperature

@@ -9,6 +9,7 @@ statistic (they may hold garbage). Statistics are detached 0-dim tensors (call `
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -175,3 +176,15 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     # p·z with p = 0 contributes 0, also where z = −inf (a banned token), instead of 0·(−inf) = nan.
     p_z = torch.where(p > 0, p * logits, torch.zeros_like(logits))
     return torch.logsumexp(logits, dim=-1) - p_z.sum(dim=-1)
+
+
+def rl_units(loss_mask: Any, aggregation: str) -> float:
+    """Units an RL loss is averaged over: response tokens (token-mean) or responses (seq-mean-*).
+
+    `loss_mask` [B, T] (numpy or torch) marks response tokens; column 0 is never one. The learner divides
+    the summed loss by the global count of a whole optimizer step, so any sharding gives one batch's update.
+    """
+    mask = loss_mask[:, 1:]
+    if aggregation == "token-mean":
+        return float(mask.sum())
+    return float((mask.sum(-1) > 0).sum())

@@ -32,12 +32,11 @@ from rich.console import Console
 from raylign.algorithms.adversarial import mc_prefix_values
 from raylign.config import ConfigError, RunConfig
 from raylign.pipelines.offline import step_indices
-from raylign.pipelines.online import run_online, step_seed
-from raylign.rundir import RunResult
+from raylign.pipelines.online import run_online
+from raylign.rundir import ADVERSARIAL_STATE, DISCRIMINATOR_DIR, RunResult
+from raylign.runtime import Purpose, rng
 from raylign.workers.reward import merge_scores
 
-DISCRIMINATOR_DIR = "discriminator"
-STATE_FILE = "adversarial_state.json"
 PINNED_HIGH, PINNED_LOW = 0.99, 0.52  # D accuracy this close to 1 (D wins) or to ½ (D is blind)
 
 
@@ -92,19 +91,19 @@ class AdversarialGame:
     def start(self, state, run, checkpoint: Path | None) -> None:
         """Restore D and the replay buffer from `checkpoint`, or warm D up on the initial policy."""
         if checkpoint is not None:
-            ray.get([w.load_discriminator.remote(str(checkpoint / DISCRIMINATOR_DIR)) for w in state.reward.workers])
-            saved = json.loads((checkpoint / STATE_FILE).read_text())
+            ray.get([w.load_discriminator.remote(str(checkpoint / DISCRIMINATOR_DIR)) for w in state.reward_group.workers])
+            saved = json.loads((checkpoint / ADVERSARIAL_STATE).read_text())
             self.replay.extend((p, t) for p, t in saved["replay"])
             self.accuracies, self.warned = saved["accuracies"], saved["warned"]
             return
         for w in range(self.adv.warmup_steps):
-            # Warm-up batches: their own random stream (purpose 4), apart from the training steps'.
-            rng = np.random.default_rng(step_seed(self.config.seed, w, 4))
-            indices = rng.choice(len(self.prompts), self.config.rollout.prompts_per_step, replace=False)
+            # Warm-up batches: their own random streams, apart from the training steps'.
+            draws = rng(self.config.seed, Purpose.WARMUP, w)
+            indices = draws.choice(len(self.prompts), self.config.rollout.prompts_per_step, replace=False)
             prompts = [self.prompts[i] for i in indices]
-            out = state.generate(prompts, self.config.rollout.model_dump(), step_seed(self.config.seed, w, 4), version=0)
+            out = state.generate(prompts, self.config.rollout, step=w, purpose=Purpose.WARMUP_SAMPLE, version=0)
             repeated = [prompts[i] for i in out["group_ids"]]
-            metrics = self._update_d(state, rng, repeated, out["texts"], indices, ceiling=1.0)
+            metrics = self._update_d(state, draws, repeated, out["texts"], indices, ceiling=1.0)
             run.log_metrics(0, {f"discriminator/warmup_{k}": v for k, v in metrics.items()})
         if self.adv.warmup_steps:
             self.console.print(f"discriminator warmed up for {self.adv.warmup_steps} update(s): accuracy on human "
@@ -116,13 +115,13 @@ class AdversarialGame:
         if not self.adv.per_prefix:
             return None
         responses = rollouts["response_ids"]
-        sampling = self.config.rollout.model_dump() | {"n_samples": self.adv.mc_rollouts}
         budget = self.config.rollout.max_new_tokens
 
         def rollout_rewards(prefixes: list[tuple[int, int]], n: int) -> list[list[float]]:
             starts = [np.concatenate([rollouts["prompt_ids"][row], responses[row][:t]]) for row, t in prefixes]
-            sampling["max_new_tokens"] = max(budget - min(t for _, t in prefixes), 1)
-            out = state.generate(starts, sampling, step_seed(self.config.seed, step, 5), version=step)
+            sampling = self.config.rollout.model_copy(update={
+                "n_samples": self.adv.mc_rollouts, "max_new_tokens": max(budget - min(t for _, t in prefixes), 1)})
+            out = state.generate(starts, sampling, step=step, purpose=Purpose.PREFIX, version=step)
             texts = []
             for k, cont in enumerate(out["response_ids"]):
                 row, t = prefixes[k // n]
@@ -140,41 +139,41 @@ class AdversarialGame:
 
     def after_step(self, state, step: int, prompts: list[Any], rollouts: dict[str, Any]) -> dict[str, float]:
         indices = step_indices(len(self.prompts), self.config.rollout.prompts_per_step, self.config.seed, step)
-        rng = np.random.default_rng(step_seed(self.config.seed, step, 3))
-        metrics = self._update_d(state, rng, prompts, rollouts["texts"], indices, self.adv.accuracy_ceiling)
+        draws = rng(self.config.seed, Purpose.DISCRIMINATOR, step)
+        metrics = self._update_d(state, draws, prompts, rollouts["texts"], indices, self.adv.accuracy_ceiling)
         out = {f"discriminator/{k}": v for k, v in metrics.items()}
         out["discriminator/replay_size"] = float(len(self.replay))
         out.update(self._watch_collapse(step, metrics))
         return out
 
     def save(self, state, path: Path) -> None:
-        ray.get(state.reward.workers[0].save_discriminator.remote(str(path / DISCRIMINATOR_DIR)))
-        (path / STATE_FILE).write_text(json.dumps(
+        ray.get(state.reward_group.workers[0].save_discriminator.remote(str(path / DISCRIMINATOR_DIR)))
+        (path / ADVERSARIAL_STATE).write_text(json.dumps(
             {"replay": list(self.replay), "accuracies": self.accuracies, "warned": self.warned}))
 
     def finish(self, state, run) -> None:
-        ray.get(state.reward.workers[0].save_discriminator.remote(str(run.final / DISCRIMINATOR_DIR)))
+        ray.get(state.reward_group.workers[0].save_discriminator.remote(str(run.final / DISCRIMINATOR_DIR)))
 
     # ---- helpers -------------------------------------------------------------------------------
-    def _update_d(self, state, rng: np.random.Generator, prompts: list[Any], texts: list[str],
+    def _update_d(self, state, draws: np.random.Generator, prompts: list[Any], texts: list[str],
                   indices: np.ndarray, ceiling: float) -> dict[str, float]:
         """D's k_D updates on this step's samples (+ replay) against human texts; the same on every
         reward actor so their copies stay equal. `indices`: the step's rows of the training prompts."""
         fresh = [(p if self.conditioned else None, t) for p, t in zip(prompts, texts, strict=True)]
         n_replay = min(len(self.replay), round(self.adv.replay_fraction * len(fresh)))
-        replayed = [self.replay[i] for i in rng.choice(len(self.replay), n_replay, replace=False)] if n_replay else []
+        replayed = [self.replay[i] for i in draws.choice(len(self.replay), n_replay, replace=False)] if n_replay else []
         policy = fresh + replayed
         if self.conditioned:  # the human answers to this step's prompts
             human_prompts = [self.prompts[i] for i in indices]
             human = [self.human_texts[i] for i in indices]
         else:
             human_prompts = None
-            human = [self.human_texts[i] for i in rng.choice(len(self.human_texts), len(fresh),
+            human = [self.human_texts[i] for i in draws.choice(len(self.human_texts), len(fresh),
                                                               replace=len(fresh) > len(self.human_texts))]
         args = {"human_prompts": human_prompts, "human_texts": human, "steps": self.adv.d_steps,
                 "fresh": len(fresh), "max_accuracy": ceiling}
         parts = ray.get([w.update.remote([p for p, _ in policy], [t for _, t in policy], **args)
-                         for w in state.reward.workers])
+                         for w in state.reward_group.workers])
         self.replay.extend(fresh)
         prefix = "discriminator/"
         return {k[len(prefix):]: v for k, v in parts[0].items() if k.startswith(prefix)}

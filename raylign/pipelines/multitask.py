@@ -1,4 +1,4 @@
-"""Multi-task driver loop (`raylign train multitask`): one shared backbone, tasks listed in
+"""Multi-task training on the loop skeleton (`raylign train multitask`): one shared backbone, tasks listed in
 `multitask.tasks`, joint loss L = Σ λ_i L_i combined by `multitask.weighting`.
 
 Each step draws a batch from every active task (task i gets train.batch_size · ratio_i / Σ ratio
@@ -12,30 +12,25 @@ relative improvement of the tasks' validation losses since step 0 (the sweep obj
 
 from __future__ import annotations
 
-import json
-import math
-import time
-from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from rich.console import Console
-from tqdm.auto import tqdm
 
 from raylign.algorithms.task_weighting import priority_active, relative_improvement
 from raylign.config import ConfigError, RunConfig, TaskConfig
+from raylign.data.batches import add_sums, summarize_task
+from raylign.pipelines.loop import Algorithm, LearnerSlot, OnStep, PhaseTimer, run_loop
 from raylign.pipelines.offline import (
-    _add,
-    _attach_reference_logps,
+    attach_reference_logps,
     collate,
     encode_pair_rows,
     encode_sft_rows,
     step_indices,
-    summarize_sums,
 )
 from raylign.rundir import RunDir, RunResult
-from raylign.runtime import init_ray
-from raylign.workers.group import WorkerGroup, shard_batch
+from raylign.workers.group import WorkerGroup
 from raylign.workers.multitask import REFERENCE_LOSSES, MultiTaskLearner
 
 MULTITASK_ALGORITHMS = ("multitask",)
@@ -63,25 +58,6 @@ def task_batch_sizes(tasks: dict[str, TaskConfig], batch_size: int, learners: in
     one per learner."""
     total = sum(t.ratio for t in tasks.values())
     return {name: max(learners, round(batch_size * t.ratio / total)) for name, t in tasks.items()}
-
-
-def summarize_task(task: TaskConfig, sums: dict[str, float], prefix: str) -> dict[str, float]:
-    """Summed learner metrics of one task -> means named `<prefix>/loss`, `/accuracy`, `/pearson`."""
-    if task.type == "imitation":
-        nll = sums["nll_sum"] / max(sums["tokens"], 1.0)
-        return {f"{prefix}/loss": nll, f"{prefix}/ppl": math.exp(min(nll, 50.0))}
-    if task.type == "preference":
-        return summarize_sums("dpo", sums, prefix)
-    n = max(sums["examples"], 1.0)
-    out = {f"{prefix}/loss": sums["loss_sum"] / n}
-    if "correct" in sums:
-        out[f"{prefix}/accuracy"] = sums["correct"] / n
-    else:
-        cov = sums["cross"] / n - (sums["pred_sum"] / n) * (sums["target_sum"] / n)
-        var_p = sums["pred_sq"] / n - (sums["pred_sum"] / n) ** 2
-        var_t = sums["target_sq"] / n - (sums["target_sum"] / n) ** 2
-        out[f"{prefix}/pearson"] = cov / math.sqrt(var_p * var_t) if var_p > 1e-12 and var_t > 1e-12 else 0.0
-    return out
 
 
 def gates_hold(tasks: dict[str, TaskConfig], smoothed: dict[str, dict[str, float]]) -> list[bool]:
@@ -146,31 +122,6 @@ def check_multitask_config(config: RunConfig) -> None:
                           f"({config.resources.learners})")
 
 
-def _evaluate(group: WorkerGroup, data: list[_TaskData], pad_id: int, micro: int) -> dict[str, float]:
-    out: dict[str, float] = {}
-    chunk = micro * len(group)
-    for td in data:
-        if not td.val:
-            continue
-        totals: dict[str, float] = {}
-        for i in range(0, len(td.val), chunk):
-            for part in group.call_sharded_dict("multitask_eval_step", {td.name: collate(td.val[i : i + chunk], pad_id)}):
-                _add(totals, part[td.name])
-        out.update(summarize_task(td.task, totals, f"eval/{td.name}"))
-    return out
-
-
-class _Group(WorkerGroup):
-    def call_sharded_dict(self, method: str, batches: dict[str, dict[str, np.ndarray]], *args: Any) -> list[Any]:
-        """Shard every task's batch across the actors; each gets {task: its shard}."""
-        import ray
-
-        shards = {name: shard_batch(b, len(self.workers)) for name, b in batches.items()}
-        refs = [getattr(w, method).remote({name: s[r] for name, s in shards.items()}, *args)
-                for r, w in enumerate(self.workers)]
-        return ray.get(refs)
-
-
 def multitask_score(start: dict[str, float], now: dict[str, float], names: list[str]) -> float | None:
     """Mean relative improvement of the tasks' validation losses since step 0 (higher is better)."""
     keys = [f"eval/{n}/loss" for n in names if f"eval/{n}/loss" in start and f"eval/{n}/loss" in now]
@@ -179,117 +130,135 @@ def multitask_score(start: dict[str, float], now: dict[str, float], names: list[
     return float(np.mean([relative_improvement(start[k], now[k]) for k in keys]))
 
 
+class MultiTaskTraining(Algorithm):
+    """One `MultiTaskLearner` group; each step a batch from every task whose priority gate is open."""
+
+    name = "multitask"
+
+    def __init__(self, config: RunConfig, console: Console, data: list[_TaskData],
+                 rating_stats: dict[str, tuple[float, float]], pad_id: int):
+        super().__init__(config, console)
+        t = config.train
+        self.data, self.rating_stats, self.pad_id = data, rating_stats, pad_id
+        self.names = [td.name for td in data]
+        self.total_steps = t.max_steps or t.epochs * max(len(td.train) // td.batch_size for td in data)
+        self.start_eval: dict[str, float] = {}
+        self.smoothed: dict[str, dict[str, float]] = {}  # EMA of each task's train metrics (the gates')
+        self.group: WorkerGroup | None = None
+
+    @property
+    def learner_group(self) -> WorkerGroup:
+        assert self.group is not None, "start() first"
+        return self.group
+
+    def describe(self, run: RunDir) -> str:
+        desc = ", ".join(f"{td.name}={td.task.type}:{len(td.train)}/{len(td.val)}x{td.batch_size}" for td in self.data)
+        return (f"[bold]multitask[/bold] ({self.config.multitask.weighting}) {run.path}  ·  {desc}  ·  "
+                f"{self.total_steps} steps  ·  {self.config.resources.learners} learner(s)")
+
+    def start(self, run: RunDir) -> None:
+        r = self.config.resources
+        self.group = WorkerGroup(MultiTaskLearner, r.learners, r.cpus_per_learner, r.gpus_per_learner,
+                                 name="multitask-learners", init_kwargs={"config": self.config})
+        self.learners = [LearnerSlot(self.group)]
+
+    def prepare(self, run: RunDir) -> None:
+        self.learner_group.call("set_rating_stats", self.rating_stats)
+        pref = [td for td in self.data if td.task.type == "preference" and td.task.loss in REFERENCE_LOSSES]
+        if pref and self.config.preference.precompute_ref_logps:
+            splits = {f"{td.name}/{part}": rows for td in pref for part, rows in (("train", td.train), ("val", td.val))}
+            attach_reference_logps(self.learner_group, run, splits, self.pad_id, self.config.train.micro_batch_size,
+                                   self.console, self.config.progress)
+
+    def load_state(self, checkpoint: Path, state: dict[str, Any]) -> None:
+        self.start_eval, self.smoothed = state["start_eval"], state["smoothed"]
+
+    def begin(self, run: RunDir, start: int, checkpoint: Path | None) -> None:
+        if start == 0:
+            self.start_eval = self._evaluate()
+            if self.start_eval:
+                run.log_metrics(0, {**self.start_eval, "eval/multitask_score": 0.0})
+
+    def step(self, step: int, timer: PhaseTimer) -> dict[str, Any]:
+        m = self.config.multitask
+        with timer.phase("train"):
+            task_cfgs = {td.name: td.task for td in self.data}
+            active = priority_active([td.task.priority for td in self.data], gates_hold(task_cfgs, self.smoothed))
+            batches, units = {}, {}
+            for k, (td, on) in enumerate(zip(self.data, active, strict=True)):
+                if not on:
+                    continue
+                idx = step_indices(len(td.train), td.batch_size, self.config.seed, step, stream=k)
+                batches[td.name] = collate([td.train[i] for i in idx], self.pad_id)
+                units[td.name] = (float(batches[td.name]["loss_mask"][:, 1:].sum()) if td.task.type == "imitation"
+                                  else float(len(idx)))
+            parts = self.learner_group.call_sharded_dict("multitask_train_step", batches, units,
+                                                         dict(zip(self.names, active, strict=True)))
+        info = parts[0]["info"]
+        metrics: dict[str, Any] = {"train/grad_norm": info["grad_norm"], "train/lr": info["lr"]}
+        for td, on in zip(self.data, active, strict=True):
+            metrics[f"train/{td.name}/weight"] = info[f"{td.name}/weight"]
+            metrics[f"train/{td.name}/active"] = float(on)
+            if not on:
+                continue
+            totals: dict[str, float] = {}
+            for p in parts:
+                add_sums(totals, p["sums"][td.name])
+            task_metrics = summarize_task(td.task.type, totals, f"train/{td.name}")
+            metrics.update(task_metrics)
+            metrics[f"train/{td.name}/grad_norm"] = info[f"{td.name}/grad_norm"]
+            ema = self.smoothed.setdefault(td.name, {})
+            for key, value in task_metrics.items():
+                short = key.rsplit("/", 1)[1]
+                ema[short] = value if short not in ema else m.gate_smoothing * ema[short] + (
+                    1 - m.gate_smoothing) * value
+        metrics.update({f"train/grad_cos/{k}": v for k, v in info.items() if "~" in k})
+        return metrics
+
+    def eval_due(self, done: int) -> bool:
+        return super().eval_due(done) or done == self.total_steps
+
+    def evaluate(self, done: int) -> dict[str, Any]:
+        metrics: dict[str, Any] = self._evaluate()
+        score = multitask_score(self.start_eval, metrics, self.names)
+        if score is not None:
+            metrics["eval/multitask_score"] = score
+        return metrics
+
+    def postfix(self, metrics: dict[str, Any]) -> dict[str, str]:
+        return {td.name: f"{metrics.get(f'train/{td.name}/loss', float('nan')):.3f}" for td in self.data}
+
+    def save_state(self, checkpoint: Path) -> dict[str, Any]:
+        return {"start_eval": self.start_eval, "smoothed": self.smoothed}
+
+    def finish(self, run: RunDir, metrics: dict[str, Any]) -> dict[str, Any]:
+        final = {k: v for k, v in metrics.items()
+                 if k.startswith("eval/") and (k.endswith("/loss") or k == "eval/multitask_score")}
+        final.update({f"{k} (start)": v for k, v in self.start_eval.items() if k.endswith("/loss")})
+        return final
+
+    def _evaluate(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        chunk = self.config.train.micro_batch_size * len(self.learner_group)
+        for td in self.data:
+            if not td.val:
+                continue
+            totals: dict[str, float] = {}
+            for i in range(0, len(td.val), chunk):
+                batch = {td.name: collate(td.val[i : i + chunk], self.pad_id)}
+                for part in self.learner_group.call_sharded_dict("multitask_eval_step", batch):
+                    add_sums(totals, part[td.name])
+            out.update(summarize_task(td.task.type, totals, f"eval/{td.name}"))
+        return out
+
+
 def run_multitask(config: RunConfig, resume: bool = False, console: Console | None = None,
-                  on_step: Callable[[int, dict[str, Any]], None] | None = None) -> RunResult:
+                  on_step: OnStep | None = None) -> RunResult:
     from raylign.models import load_tokenizer
 
     console = console or Console()
     check_multitask_config(config)
     tokenizer = load_tokenizer(config.model.path)
     data, rating_stats = _load_tasks(config, tokenizer, console)
-    t, m = config.train, config.multitask
-    learners = config.resources.learners
-    longest = max(len(td.train) // td.batch_size for td in data)
-    total_steps = t.max_steps or t.epochs * longest
-    pad_id = tokenizer.pad_token_id
-    names = [td.name for td in data]
-
-    run = RunDir(config, resume=resume)
-    desc = ", ".join(f"{td.name}={td.task.type}:{len(td.train)}/{len(td.val)}x{td.batch_size}" for td in data)
-    console.print(f"[bold]multitask[/bold] ({m.weighting}) {run.path}  ·  {desc}  ·  {total_steps} steps  ·  "
-                  f"{learners} learner(s)")
-    try:
-        init_ray(config.resources.ray_address)
-        group = _Group(MultiTaskLearner, learners, config.resources.cpus_per_learner,
-                       config.resources.gpus_per_learner, name="multitask-learners",
-                       init_kwargs={"config": config.model_dump()})
-    except BaseException:
-        run.close()
-        raise
-    try:
-        addr, port = group.call("master_address")[0]
-        group.call("setup_distributed", addr, port)
-        group.call("setup_optimizer", total_steps)
-        group.call("set_rating_stats", rating_stats)
-        pref = [td for td in data if td.task.type == "preference" and td.task.loss in REFERENCE_LOSSES]
-        if pref and config.preference.precompute_ref_logps:
-            splits = {f"{td.name}/{part}": rows for td in pref for part, rows in (("train", td.train), ("val", td.val))}
-            _attach_reference_logps(group, run, splits, pad_id, t.micro_batch_size, console, config.progress)
-        start, start_eval = 0, {}
-        smoothed: dict[str, dict[str, float]] = {}
-        if resume:
-            ckpt = run.latest_checkpoint()
-            if ckpt is not None:
-                group.call("load_checkpoint", str(ckpt))
-                state = json.loads((ckpt / "trainer_state.json").read_text())
-                start, start_eval, smoothed = state["step"], state["start_eval"], state["smoothed"]
-                run.truncate_logs_after(start)
-                console.print(f"resumed from {ckpt} at step {start}")
-        if start == 0:
-            start_eval = _evaluate(group, data, pad_id, t.micro_batch_size)
-            if start_eval:
-                run.log_metrics(0, {**start_eval, "eval/multitask_score": 0.0})
-        metrics: dict[str, Any] = {}
-        task_cfgs = {td.name: td.task for td in data}
-        priorities = [td.task.priority for td in data]
-        bar = tqdm(range(start, total_steps), desc="multitask", disable=not config.progress, initial=start,
-                   total=total_steps, unit="step")
-        for step in bar:
-            t0 = time.perf_counter()
-            active = priority_active(priorities, gates_hold(task_cfgs, smoothed))
-            batches, units = {}, {}
-            for k, (td, on) in enumerate(zip(data, active, strict=True)):
-                if not on:
-                    continue
-                idx = step_indices(len(td.train), td.batch_size, config.seed + 1000 * k, step)
-                batches[td.name] = collate([td.train[i] for i in idx], pad_id)
-                units[td.name] = (float(batches[td.name]["loss_mask"][:, 1:].sum()) if td.task.type == "imitation"
-                                  else float(len(idx)))
-            parts = group.call_sharded_dict("multitask_train_step", batches, units,
-                                            dict(zip(names, active, strict=True)))
-            seconds = time.perf_counter() - t0
-            info = parts[0]["info"]
-            metrics = {"train/grad_norm": info["grad_norm"], "train/lr": info["lr"], "perf/step_seconds": seconds}
-            for td, on in zip(data, active, strict=True):
-                metrics[f"train/{td.name}/weight"] = info[f"{td.name}/weight"]
-                metrics[f"train/{td.name}/active"] = float(on)
-                if not on:
-                    continue
-                totals: dict[str, float] = {}
-                for p in parts:
-                    _add(totals, p["sums"][td.name])
-                task_metrics = summarize_task(td.task, totals, f"train/{td.name}")
-                metrics.update(task_metrics)
-                metrics[f"train/{td.name}/grad_norm"] = info[f"{td.name}/grad_norm"]
-                ema = smoothed.setdefault(td.name, {})
-                for key, value in task_metrics.items():
-                    short = key.rsplit("/", 1)[1]
-                    ema[short] = value if short not in ema else m.gate_smoothing * ema[short] + (
-                        1 - m.gate_smoothing) * value
-            metrics.update({f"train/grad_cos/{k}": v for k, v in info.items() if "~" in k})
-            done = step + 1
-            if (t.eval_every and done % t.eval_every == 0) or done == total_steps:
-                metrics.update(_evaluate(group, data, pad_id, t.micro_batch_size))
-                score = multitask_score(start_eval, metrics, names)
-                if score is not None:
-                    metrics["eval/multitask_score"] = score
-            if done % t.log_every == 0 or done == total_steps:
-                run.log_metrics(done, metrics)
-            bar.set_postfix({td.name: f"{metrics.get(f'train/{td.name}/loss', float('nan')):.3f}" for td in data})
-            if config.output.save_every and done % config.output.save_every == 0 and done < total_steps:
-                tmp = run.begin_checkpoint(done)
-                group.call("save_checkpoint", str(tmp))
-                (tmp / "trainer_state.json").write_text(json.dumps(
-                    {"step": done, "start_eval": start_eval, "smoothed": smoothed}))
-                run.commit_checkpoint(done, tmp)
-            if on_step is not None:
-                on_step(done, metrics)
-        group.call("save_final", str(run.final))
-        final = {k: v for k, v in metrics.items()
-                 if k.startswith("eval/") and (k.endswith("/loss") or k == "eval/multitask_score")}
-        final.update({f"{k} (start)": v for k, v in start_eval.items() if k.endswith("/loss")})
-        return RunResult(str(run.path), total_steps, final)
-    finally:
-        run.close()
-        group.call("shutdown")
-        group.shutdown()
+    algorithm = MultiTaskTraining(config, console, data, rating_stats, tokenizer.pad_token_id)
+    return run_loop(config, algorithm, resume=resume, on_step=on_step)

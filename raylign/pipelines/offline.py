@@ -1,16 +1,15 @@
-"""Offline driver loop (SFT, reward model, DPO family, KTO, ORPO, SimPO): batches from a dataset,
-sharded over the learner group, one optimizer step at a time.
+"""Offline training (SFT, reward model, DPO family, KTO, ORPO, SimPO) on the loop skeleton: batches
+from a dataset, sharded over the learner group, one optimizer step each.
 
-The driver holds no model: it tokenizes, batches, asks the learners to step, logs, checkpoints.
+The driver holds no model: it tokenizes, batches and asks the learners to step; `loop.run_loop`
+does the rest (run directory, resume, logging, checkpoints, final/, shutdown).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
-import time
-from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,8 +17,10 @@ from rich.console import Console
 from tqdm.auto import tqdm
 
 from raylign.config import ConfigError, RunConfig
-from raylign.rundir import RunDir, RunResult
-from raylign.runtime import init_ray
+from raylign.data.batches import add_sums, sum_parts, summarize_sums
+from raylign.pipelines.loop import Algorithm, LearnerSlot, OnStep, PhaseTimer, run_loop
+from raylign.rundir import REFERENCE_CACHE_PREFIX, RunDir, RunResult
+from raylign.runtime import Purpose, rng
 from raylign.workers.group import WorkerGroup
 from raylign.workers.learner import LearnerWorker
 from raylign.workers.objectives import NEEDS_REFERENCE, count_units
@@ -101,63 +102,37 @@ def collate(encoded: list[dict], pad_id: int) -> dict[str, np.ndarray]:
     return out
 
 
-# ---- the loop ------------------------------------------------------------------------------------
+# ---- the algorithm -------------------------------------------------------------------------------
 
 
-def step_indices(n_rows: int, batch_size: int, seed: int, step: int) -> np.ndarray:
-    """Rows of global step `step`: a fresh seeded permutation each epoch, incomplete batches dropped.
-
-    Pure function of (seed, step), so a resumed run sees exactly the batches it would have seen.
-    """
+def step_indices(n_rows: int, batch_size: int, seed: int, step: int, stream: int = 0) -> np.ndarray:
+    """Rows of global step `step`: a fresh permutation each epoch (`Purpose.DATA_ORDER`, step = epoch,
+    index = `stream`, e.g. a multi-task run's task), incomplete batches dropped. A pure function of
+    (seed, step, stream), so a resumed run sees exactly the batches it would have seen."""
     per_epoch = n_rows // batch_size
     epoch, offset = divmod(step, per_epoch)
-    order = np.random.default_rng([seed, epoch]).permutation(n_rows)
+    order = rng(seed, Purpose.DATA_ORDER, epoch, stream).permutation(n_rows)
     return order[offset * batch_size : (offset + 1) * batch_size]
 
 
-def summarize_sums(objective: str, sums: dict[str, float], prefix: str) -> dict[str, float]:
-    """Summed learner metrics -> means, named for metrics.jsonl."""
-    if objective == "sft":
-        nll = sums["nll_sum"] / max(sums["tokens"], 1.0)
-        out = {f"{prefix}/loss": nll, f"{prefix}/tokens": sums["tokens"]}
-        if prefix == "eval":
-            out = {"eval/nll": nll, "eval/ppl": math.exp(min(nll, 50.0))}
-        return out
-    if objective == "kto":
-        n, d = max(sums["examples"], 1.0), sums["desirable"]
-        return {f"{prefix}/loss": sums["loss_sum"] / n, f"{prefix}/kl": sums["kl_sum"] / n,
-                f"{prefix}/desirable_reward": sums["desirable_reward_sum"] / max(d, 1.0),
-                f"{prefix}/undesirable_reward": sums["undesirable_reward_sum"] / max(n - d, 1.0)}
-    n = max(sums["pairs"], 1.0)
-    out = {f"{prefix}/loss": sums["loss_sum"] / n, f"{prefix}/accuracy": sums["correct"] / n,
-           f"{prefix}/margin": sums["margin_sum"] / n, f"{prefix}/chosen_reward": sums["chosen_sum"] / n,
-           f"{prefix}/rejected_reward": sums["rejected_sum"] / n}
-    if "log_odds_sum" in sums:
-        out[f"{prefix}/log_odds_ratio"] = sums["log_odds_sum"] / n
-    return out
-
-
-def _add(totals: dict[str, float], sums: dict[str, float]) -> None:
-    for k, v in sums.items():
-        totals[k] = totals.get(k, 0.0) + v
-
-
-def _evaluate(group: WorkerGroup, objective: str, val: list[dict], pad_id: int, micro: int) -> dict[str, float]:
+def evaluate_sums(group: WorkerGroup, method: str, rows: list[dict], pad_id: int, micro: int) -> dict[str, float]:
+    """`method` over `rows` in chunks of one micro-batch per learner; the learners' sums added up."""
     totals: dict[str, float] = {}
     chunk = micro * len(group)
-    for i in range(0, len(val), chunk):
-        for sums in group.call_sharded("eval_step", collate(val[i : i + chunk], pad_id)):
-            _add(totals, sums)
-    return summarize_sums(objective, totals, "eval") if totals else {}
+    for i in range(0, len(rows), chunk):
+        for sums in group.call_sharded(method, collate(rows[i : i + chunk], pad_id)):
+            add_sums(totals, sums)
+    return totals
 
 
-def _attach_reference_logps(group: WorkerGroup, run: RunDir, splits: dict[str, list[dict]], pad_id: int,
-                            micro: int, console: Console, progress: bool = True) -> None:
+def attach_reference_logps(group: WorkerGroup, run: RunDir, splits: dict[str, list[dict]], pad_id: int,
+                           micro: int, console: Console, progress: bool = True) -> None:
     """One pass of the reference over every example, cached in the run directory (reused on resume)."""
     fingerprint = hashlib.sha256(
         json.dumps([[s["input_ids"] for e in rows for s in e["seqs"]] for rows in splits.values()]).encode()
     ).hexdigest()[:16]
-    cache = run.path / f"ref_logps_{fingerprint}.npz"
+    cache = run.path / f"{REFERENCE_CACHE_PREFIX}{fingerprint}.npz"
+    cached: Any
     if cache.exists():
         cached = np.load(cache)
         console.print(f"reference log-probs: cached ({cache.name})")
@@ -179,8 +154,79 @@ def _attach_reference_logps(group: WorkerGroup, run: RunDir, splits: dict[str, l
     group.call("drop_reference")
 
 
+class OfflineTraining(Algorithm):
+    """One learner group; each step a batch of `train.batch_size` examples."""
+
+    def __init__(self, config: RunConfig, console: Console, objective: str, train: list[dict], val: list[dict],
+                 pad_id: int):
+        super().__init__(config, console)
+        t = config.train
+        self.name, self.objective, self.train, self.val, self.pad_id = config.algorithm, objective, train, val, pad_id
+        self.total_steps = t.max_steps or t.epochs * (len(train) // t.batch_size)
+        self.group: WorkerGroup | None = None
+
+    def describe(self, run: RunDir) -> str:
+        return (f"[bold]{self.name}[/bold] {run.path}  ·  {len(self.train)} train / {len(self.val)} val  ·  "
+                f"{self.total_steps} steps  ·  {self.config.resources.learners} learner(s)")
+
+    @property
+    def learner_group(self) -> WorkerGroup:
+        assert self.group is not None, "start() first"
+        return self.group
+
+    def start(self, run: RunDir) -> None:
+        r = self.config.resources
+        self.group = WorkerGroup(LearnerWorker, r.learners, r.cpus_per_learner, r.gpus_per_learner, name="learners",
+                                 init_kwargs={"config": self.config, "objective": self.objective})
+        self.learners = [LearnerSlot(self.group)]
+
+    def prepare(self, run: RunDir) -> None:
+        if self.objective in NEEDS_REFERENCE and self.config.preference.precompute_ref_logps:
+            attach_reference_logps(self.learner_group, run, {"train": self.train, "val": self.val}, self.pad_id,
+                                   self.config.train.micro_batch_size, self.console, self.config.progress)
+
+    def begin(self, run: RunDir, start: int, checkpoint: Path | None) -> None:
+        if start == 0 and self.config.train.eval_every and self.val:
+            run.log_metrics(0, self.evaluate(0))
+
+    def step(self, step: int, timer: PhaseTimer) -> dict[str, Any]:
+        t = self.config.train
+        with timer.phase("train"):
+            idx = step_indices(len(self.train), t.batch_size, self.config.seed, step)
+            batch = collate([self.train[i] for i in idx], self.pad_id)
+            shards = self.learner_group.call_sharded("train_step", batch,
+                                                     global_units=count_units(self.objective, batch))
+        seconds = timer.elapsed()
+        metrics = summarize_sums(self.objective, sum_parts(shards), "train")
+        metrics.update({
+            "train/grad_norm": shards[0]["grad_norm"], "train/lr": shards[0]["lr"],
+            "perf/examples_per_second": len(idx) / seconds,
+            "perf/tokens_per_second": float(batch["attention_mask"].sum()) / seconds,
+        })
+        return metrics
+
+    def eval_due(self, done: int) -> bool:
+        return super().eval_due(done) and bool(self.val)
+
+    def evaluate(self, done: int) -> dict[str, Any]:
+        totals = evaluate_sums(self.learner_group, "eval_step", self.val, self.pad_id,
+                               self.config.train.micro_batch_size)
+        return summarize_sums(self.objective, totals, "eval") if totals else {}
+
+    def postfix(self, metrics: dict[str, Any]) -> dict[str, str]:
+        return {"loss": f"{metrics['train/loss']:.3f}"}
+
+    def finish(self, run: RunDir, metrics: dict[str, Any]) -> dict[str, Any]:
+        final_eval = {k: v for k, v in metrics.items() if k.startswith("eval/")}
+        if self.val and not final_eval:
+            final_eval = self.evaluate(self.total_steps)
+            run.log_metrics(self.total_steps, final_eval)
+        keys = ("train/loss", "eval/loss", "eval/nll", "eval/accuracy", "eval/margin")
+        return {k: v for k, v in {**metrics, **final_eval}.items() if k in keys}
+
+
 def run_offline(config: RunConfig, resume: bool = False, console: Console | None = None,
-                on_step: Callable[[int, dict[str, Any]], None] | None = None) -> RunResult:
+                on_step: OnStep | None = None) -> RunResult:
     """Train `config.algorithm` offline. `on_step(step, metrics)` is called after each step's metrics are
     logged and its checkpoint (if any) is written (Ray Tune reports from it)."""
     from raylign.data import load_split
@@ -198,87 +244,12 @@ def run_offline(config: RunConfig, resume: bool = False, console: Console | None
     encode = encode_sft_rows if objective == "sft" else encode_pair_rows
     train = encode(train_table.to_pylist(), config.data.kind, tokenizer, config)
     val = encode(val_table.to_pylist(), config.data.kind, tokenizer, config) if val_table else []
-    t = config.train
-    learners = config.resources.learners
+    t, learners = config.train, config.resources.learners
     if t.batch_size < learners:
         raise ConfigError(f"train.batch_size ({t.batch_size}) must be >= resources.learners ({learners})")
     if len(train) < t.batch_size:
         raise ConfigError(
             f"{config.data.train}: {len(train)} training examples, fewer than train.batch_size={t.batch_size}"
         )
-    total_steps = t.max_steps or t.epochs * (len(train) // t.batch_size)
-    pad_id = tokenizer.pad_token_id
-
-    run = RunDir(config, resume=resume)
-    console.print(f"[bold]{config.algorithm}[/bold] {run.path}  ·  {len(train)} train / {len(val)} val  ·  "
-                  f"{total_steps} steps  ·  {learners} learner(s)")
-    init_ray(config.resources.ray_address)
-    group = WorkerGroup(
-        LearnerWorker, learners, config.resources.cpus_per_learner, config.resources.gpus_per_learner,
-        name="learners", init_kwargs={"config": config.model_dump(), "objective": objective},
-    )
-    try:
-        addr, port = group.call("master_address")[0]
-        group.call("setup_distributed", addr, port)
-        group.call("setup_optimizer", total_steps)
-        if objective in NEEDS_REFERENCE and config.preference.precompute_ref_logps:
-            _attach_reference_logps(group, run, {"train": train, "val": val}, pad_id, t.micro_batch_size,
-                                    console, config.progress)
-        start = 0
-        if resume:
-            ckpt = run.latest_checkpoint()
-            if ckpt is not None:
-                group.call("load_checkpoint", str(ckpt))
-                start = json.loads((ckpt / "trainer_state.json").read_text())["step"]
-                run.truncate_logs_after(start)
-                console.print(f"resumed from {ckpt} at step {start}")
-        metrics: dict[str, Any] = {}
-        if start == 0 and t.eval_every and val:
-            run.log_metrics(0, _evaluate(group, objective, val, pad_id, t.micro_batch_size))
-        bar = tqdm(range(start, total_steps), desc=config.algorithm, disable=not config.progress,
-                   initial=start, total=total_steps, unit="step")
-        for step in bar:
-            t0 = time.perf_counter()
-            idx = step_indices(len(train), t.batch_size, config.seed, step)
-            batch = collate([train[i] for i in idx], pad_id)
-            units = count_units(objective, batch)
-            shards = group.call_sharded("train_step", batch, global_units=units)
-            seconds = time.perf_counter() - t0
-            totals: dict[str, float] = {}
-            for s in shards:
-                _add(totals, {k: v for k, v in s.items() if k not in ("grad_norm", "lr")})
-            metrics = summarize_sums(objective, totals, "train")
-            metrics.update({
-                "train/grad_norm": shards[0]["grad_norm"], "train/lr": shards[0]["lr"],
-                "perf/step_seconds": seconds, "perf/examples_per_second": len(idx) / seconds,
-                "perf/tokens_per_second": float(batch["attention_mask"].sum()) / seconds,
-            })
-            done = step + 1
-            if t.eval_every and done % t.eval_every == 0 and val:
-                metrics.update(_evaluate(group, objective, val, pad_id, t.micro_batch_size))
-            if done % t.log_every == 0 or done == total_steps:
-                run.log_metrics(done, metrics)
-            bar.set_postfix(loss=f"{metrics['train/loss']:.3f}")
-            if config.output.save_every and done % config.output.save_every == 0 and done < total_steps:
-                _checkpoint(group, run, done)
-            if on_step is not None:
-                on_step(done, metrics)
-        final_eval = {k: v for k, v in metrics.items() if k.startswith("eval/")}
-        if val and not final_eval:
-            final_eval = _evaluate(group, objective, val, pad_id, t.micro_batch_size)
-            run.log_metrics(total_steps, final_eval)
-        group.call("save_final", str(run.final))
-        keys = ("train/loss", "eval/loss", "eval/nll", "eval/accuracy", "eval/margin")
-        final = {k: v for k, v in {**metrics, **final_eval}.items() if k in keys}
-        return RunResult(str(run.path), total_steps, final)
-    finally:
-        run.close()
-        group.call("shutdown")
-        group.shutdown()
-
-
-def _checkpoint(group: WorkerGroup, run: RunDir, step: int) -> None:
-    tmp = run.begin_checkpoint(step)
-    group.call("save_checkpoint", str(tmp))
-    (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
-    run.commit_checkpoint(step, tmp)
+    algorithm = OfflineTraining(config, console, objective, train, val, tokenizer.pad_token_id)
+    return run_loop(config, algorithm, resume=resume, on_step=on_step)

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from raylign.config import ConfigError, load_config
+from raylign.rundir import FINAL_DIR
 
 
 def run_quickstart(overrides: list[str] | None = None, console: Console | None = None) -> dict[str, Any]:
@@ -56,7 +57,7 @@ def run_quickstart(overrides: list[str] | None = None, console: Console | None =
         f"[bold]{summary['reward_before']:+.3f} -> {summary['reward_after']:+.3f}[/bold]   "
         f"KL to the base model: {summary['kl_before']:.3f} -> {summary['kl_after']:.3f} nats/completion"
     )
-    final = Path(result.run_dir) / "final"
+    final = Path(result.run_dir) / FINAL_DIR
     console.print(f"aligned model: {final}  (a transformers model dir: AutoModelForCausalLM.from_pretrained)")
     console.print(f"serve it:      raylign serve {final}")
     return summary

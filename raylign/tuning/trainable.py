@@ -8,13 +8,12 @@ so one `tensorboard --logdir <sweep dir>` shows every trial. Each report carries
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
 
 from raylign.config import RunConfig, load_config
-from raylign.rundir import CHECKPOINT_PREFIX, read_metrics
+from raylign.rundir import CHECKPOINT_PREFIX, CHECKPOINTS_DIR, read_metrics, read_trainer_state
 from raylign.tuning.objective import alignment_objective
 from raylign.tuning.spec import TuneSpec, override_item
 
@@ -33,8 +32,8 @@ def trial_config(spec: TuneSpec, params: dict[str, Any], trial_dir: Path) -> Run
 
 def _place_checkpoint(src: Path, run_path: Path) -> int:
     """Put a Tune checkpoint back as the run's only checkpoint; returns its step."""
-    step = int(json.loads((src / "trainer_state.json").read_text())["step"])
-    ckpts = run_path / "checkpoints"
+    step = int(read_trainer_state(src)["step"])
+    ckpts = run_path / CHECKPOINTS_DIR
     if ckpts.exists():
         for old in ckpts.glob(f"{CHECKPOINT_PREFIX}*"):
             if old.name != f"{CHECKPOINT_PREFIX}{step}":
@@ -76,7 +75,7 @@ def raylign_trainable(params: dict[str, Any], spec: dict[str, Any]) -> None:
 
     def on_step(step: int, metrics: dict[str, Any]) -> None:
         if step % every == 0 and step < total:
-            ckpt_dir = run_path / "checkpoints" / f"{CHECKPOINT_PREFIX}{step}"
+            ckpt_dir = run_path / CHECKPOINTS_DIR / f"{CHECKPOINT_PREFIX}{step}"
             report(step, metrics, ckpt_dir if ckpt_dir.exists() else None)
 
     result = run_pipeline(config, resume=resume, console=Console(quiet=True), on_step=on_step)

@@ -14,8 +14,9 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from raylign.runtime import ResourceError
 
 
-def shard_batch(batch: dict[str, np.ndarray], n: int) -> list[dict[str, np.ndarray]]:
-    """Split every array along dim 0 into n nearly equal contiguous shards (the first get the extra rows)."""
+def shard_batch(batch: dict[str, Any], n: int) -> list[dict[str, Any]]:
+    """Split every array (or list) along dim 0 into n nearly equal contiguous shards, the first getting
+    the extra rows: `shard_batch({"prompts": prompts}, n)` splits a list the same way as a batch."""
     sizes = {len(v) for v in batch.values()}
     if len(sizes) != 1:
         raise ValueError(f"batch arrays have different lengths: { {k: len(v) for k, v in batch.items()} }")
@@ -82,9 +83,20 @@ class WorkerGroup:
     def call(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
         return ray.get(self.call_async(method, *args, **kwargs))
 
-    def call_sharded(self, method: str, batch: dict[str, np.ndarray], **kwargs: Any) -> list[Any]:
+    def call_sharded_async(self, method: str, batch: dict[str, np.ndarray], **kwargs: Any) -> list[ray.ObjectRef]:
+        """Shard `batch` across the actors (rank r gets shard r) and call `method(shard, **kwargs)` on each."""
         shards = shard_batch(batch, len(self.workers))
-        refs = [getattr(w, method).remote(shard, **kwargs) for w, shard in zip(self.workers, shards, strict=True)]
+        return [getattr(w, method).remote(shard, **kwargs) for w, shard in zip(self.workers, shards, strict=True)]
+
+    def call_sharded(self, method: str, batch: dict[str, np.ndarray], **kwargs: Any) -> list[Any]:
+        return ray.get(self.call_sharded_async(method, batch, **kwargs))
+
+    def call_sharded_dict(self, method: str, batches: dict[str, dict[str, np.ndarray]], *args: Any) -> list[Any]:
+        """Shard each named batch (a multi-task step's task batches) across the actors; rank r gets
+        {name: its shard r of every batch}."""
+        shards = {name: shard_batch(b, len(self.workers)) for name, b in batches.items()}
+        refs = [getattr(w, method).remote({name: s[r] for name, s in shards.items()}, *args)
+                for r, w in enumerate(self.workers)]
         return ray.get(refs)
 
     def shutdown(self) -> None:

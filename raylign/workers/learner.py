@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 import socket
 from contextlib import nullcontext
 from pathlib import Path
@@ -14,23 +13,16 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from raylign.algorithms.logprobs import sequence_logps, token_logps
-from raylign.config import RunConfig
-from raylign.runtime import cpu_threads, quiet_libraries
+from raylign.algorithms.logprobs import response_start, rl_logits, sequence_logps, token_logps
+from raylign.config import RunConfig, as_section
+from raylign.rundir import LEARNER_INFO, MODEL_DIR, OPTIMIZER_STATE, RNG_STATE, TRAINABLE_WEIGHTS
+from raylign.runtime import Purpose, cpu_threads, derive_seed, quiet_libraries, seed_everything
 from raylign.workers.objectives import (
     MODEL_KIND,
     NEEDS_REFERENCE,
     causal_logits,
     make_objective,
-    response_start,
-    rl_logits,
 )
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def _free_port() -> int:
@@ -66,15 +58,16 @@ def micro_batches(batch: dict[str, np.ndarray], size: int, sort: bool = True) ->
 class LearnerWorker:
     """Holds the trainable model; trains with torch DDP across the group (gloo on CPU, nccl on GPU)."""
 
-    def __init__(self, rank: int, world_size: int, num_cpus: float, config: dict[str, Any], objective: str):
+    def __init__(self, rank: int, world_size: int, num_cpus: float, config: RunConfig | dict[str, Any],
+                 objective: str):
         torch.set_num_threads(cpu_threads(num_cpus))
         quiet_libraries()
         from raylign.models import load_causal_lm, load_scalar_model, load_value_model  # actor process only
 
         self.rank, self.world_size = rank, world_size
-        self.config = RunConfig.model_validate(config)
+        self.config = as_section(RunConfig, config)
         self.objective = make_objective(objective, self.config)
-        seed_everything(self.config.seed)
+        seed_everything(derive_seed(self.config.seed, Purpose.INIT))
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         load = {"scalar": load_scalar_model, "value": load_value_model}.get(MODEL_KIND.get(objective), load_causal_lm)
         self.model, self.tokenizer = load(self.config.model)
@@ -261,26 +254,26 @@ class LearnerWorker:
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
         if with_model_dir:
-            save_model(self.model, self.tokenizer, out / "model", merge_lora=True)
-        save_file(self.trainable_state(), str(out / "trainable.safetensors"))
+            save_model(self.model, self.tokenizer, out / MODEL_DIR, merge_lora=True)
+        save_file(self.trainable_state(), str(out / TRAINABLE_WEIGHTS))
         torch.save(
             {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
-            out / "optimizer.pt",
+            out / OPTIMIZER_STATE,
         )
-        torch.save({"torch": torch.get_rng_state()}, out / "rng.pt")
-        (out / "learner.json").write_text(json.dumps({"world_size": self.world_size}))
+        torch.save({"torch": torch.get_rng_state()}, out / RNG_STATE)
+        (out / LEARNER_INFO).write_text(json.dumps({"world_size": self.world_size}))
 
     def load_checkpoint(self, path: str) -> None:
         src = Path(path)
-        state = load_file(str(src / "trainable.safetensors"))
+        state = load_file(str(src / TRAINABLE_WEIGHTS))
         missing = set(self.trainable_state()) - set(state)
         if missing:
             raise ValueError(f"checkpoint {src} lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[:3]}")
         self.model.load_state_dict(state, strict=False)
-        opt = torch.load(src / "optimizer.pt", weights_only=True)
+        opt = torch.load(src / OPTIMIZER_STATE, weights_only=True)
         self.optimizer.load_state_dict(opt["optimizer"])
         self.scheduler.load_state_dict(opt["scheduler"])
-        torch.set_rng_state(torch.load(src / "rng.pt", weights_only=True)["torch"])
+        torch.set_rng_state(torch.load(src / RNG_STATE, weights_only=True)["torch"])
 
     def save_final(self, path: str) -> None:
         if self.rank == 0:

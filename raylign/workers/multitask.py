@@ -27,8 +27,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from raylign.algorithms.task_weighting import TaskWeighting, cosine_matrix
-from raylign.config import RunConfig
+from raylign.config import RunConfig, as_section
+from raylign.data.batches import rating_sums
 from raylign.models.heads import last_token_index
+from raylign.runtime import Purpose, derive_seed
 from raylign.workers.learner import LearnerWorker, micro_batches
 from raylign.workers.objectives import make_objective, sft_objective
 
@@ -44,9 +46,9 @@ def preference_objective_name(loss: str) -> tuple[str, str | None]:
 
 
 class MultiTaskLearner(LearnerWorker):
-    def __init__(self, rank: int, world_size: int, num_cpus: float, config: dict[str, Any],
+    def __init__(self, rank: int, world_size: int, num_cpus: float, config: RunConfig | dict[str, Any],
                  objective: str = "multitask"):
-        cfg = RunConfig.model_validate(config)
+        cfg = as_section(RunConfig, config)
         tasks = cfg.multitask.tasks
         needs_ref = any(t.type == "preference" and t.loss in REFERENCE_LOSSES for t in tasks.values())
         # The base class loads the causal LM (and a frozen reference when a DPO-like task needs one).
@@ -73,7 +75,7 @@ class MultiTaskLearner(LearnerWorker):
         self.heads.to(self.device)
         m = cfg.multitask
         self.weighting = TaskWeighting(m.weighting, [t.weight for t in tasks.values()], m.gradnorm_alpha,
-                                       m.weighting_lr, seed=cfg.seed)
+                                       m.weighting_lr, seed=derive_seed(cfg.seed, Purpose.TASK_WEIGHTING))
         self.rating_stats: dict[str, tuple[float, float]] = {}
 
     # ---- setup ---------------------------------------------------------------------------------
@@ -126,16 +128,10 @@ class MultiTaskLearner(LearnerWorker):
         target = mb["rating"].float()
         if task.head == "classification":
             losses = nn.functional.cross_entropy(pred, target.long(), reduction="none")
-            sums = {"loss_sum": losses.detach().sum().item(), "examples": float(len(losses)),
-                    "correct": (pred.argmax(-1) == target.long()).float().sum().item()}
-            return losses.sum(), sums
+            return losses.sum(), rating_sums(losses, pred, target, classification=True)
         p = pred[:, 0]
         losses = (p - target) ** 2
-        pd, td = p.detach().double(), target.double()
-        sums = {"loss_sum": losses.detach().sum().item(), "examples": float(len(losses)),
-                "pred_sum": pd.sum().item(), "target_sum": td.sum().item(), "pred_sq": (pd * pd).sum().item(),
-                "target_sq": (td * td).sum().item(), "cross": (pd * td).sum().item()}
-        return losses.sum(), sums
+        return losses.sum(), rating_sums(losses, p, target, classification=False)
 
     # ---- training ------------------------------------------------------------------------------
     def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:

@@ -24,13 +24,14 @@ import torch
 
 from raylign.algorithms.advantages import masked_mean
 from raylign.algorithms.kl import kl_estimate
-from raylign.algorithms.logprobs import sequence_logps, token_logps
+from raylign.algorithms.logprobs import response_start, rl_logits, sequence_logps, token_logps
 from raylign.algorithms.policy import (
     aggregate_loss,
     behavior_weights,
     clipped_policy_loss,
     clipped_value_loss,
     entropy_from_logits,
+    rl_units,
 )
 from raylign.algorithms.preference import (
     bradley_terry_loss,
@@ -41,6 +42,7 @@ from raylign.algorithms.preference import (
     simpo_loss,
 )
 from raylign.config import RunConfig
+from raylign.data.batches import kto_sums, pair_sums, policy_sums, sft_sums, value_sums
 
 Batch = dict[str, torch.Tensor]
 # (input_ids, loss_mask) [N, T] of right-padded rows -> summed log-probs [N] under the frozen reference.
@@ -83,44 +85,12 @@ def reference_logps(batch: Batch, ref_fn: ReferenceFn | None) -> torch.Tensor:
         return ref_fn(_flat(batch["input_ids"]), _flat(batch["loss_mask"])).view(-1, 2)
 
 
-def _pair_sums(losses: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float]:
-    """Sums for pair metrics: loss, accuracy (ties count half), margin, mean chosen/rejected reward."""
-    correct = (chosen > rejected).float() + 0.5 * (chosen == rejected).float()
-    return {
-        "loss_sum": losses.detach().sum().item(), "correct": correct.sum().item(),
-        "margin_sum": (chosen - rejected).sum().item(), "chosen_sum": chosen.sum().item(),
-        "rejected_sum": rejected.sum().item(), "pairs": float(len(losses)),
-    }
-
-
 def sft_objective(model, batch, ref_fn=None):
     """Negative log-likelihood of the masked (completion) tokens, summed over tokens."""
     logits = causal_logits(model, batch["input_ids"])
     nll_sum = -sequence_logps(logits, batch["input_ids"], batch["loss_mask"]).sum()
     tokens = batch["loss_mask"][:, 1:].sum()
-    return nll_sum, {"nll_sum": nll_sum.item(), "tokens": tokens.item()}
-
-
-def rl_units(loss_mask: Any, aggregation: str) -> float:
-    """Units an RL loss is averaged over: response tokens (token-mean) or responses (seq-mean-*)."""
-    mask = loss_mask[:, 1:]
-    if aggregation == "token-mean":
-        return float(mask.sum())
-    return float((mask.sum(-1) > 0).sum())
-
-
-def response_start(loss_mask: torch.Tensor) -> int:
-    """The first position where any row's response begins (>= 1): no logit before it is needed."""
-    cols = loss_mask.bool().any(0).nonzero()
-    return max(int(cols[0]), 1) if len(cols) else loss_mask.shape[1] - 1
-
-
-def rl_logits(model: torch.nn.Module, input_ids: torch.Tensor, temperature: float, start: int) -> torch.Tensor:
-    """Logits predicting tokens start..T-1, [B, T - start, V], divided by the sampling temperature so
-    that log-probs are those of the distribution the rollout workers sampled from. `logits_to_keep`
-    skips the LM head (a vocabulary-sized matmul per token) on the prompt positions."""
-    keep = input_ids.shape[1] - start + 1
-    return model(input_ids=input_ids, logits_to_keep=keep).logits[:, :-1].float() / temperature
+    return nll_sum, sft_sums(nll_sum.item(), tokens.item())
 
 
 def make_objective(name: str, config: RunConfig) -> Objective:
@@ -133,17 +103,17 @@ def make_objective(name: str, config: RunConfig) -> Objective:
         losses, chosen_r, rejected_r = dpo_loss(
             pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1], p.beta, p.loss_type, p.label_smoothing
         )
-        return losses.sum(), _pair_sums(losses, chosen_r, rejected_r)
+        return losses.sum(), pair_sums(losses, chosen_r, rejected_r)
 
     def simpo(model, batch, ref_fn=None):
         avg = policy_logps(model, batch, average=True)
         losses, chosen_r, rejected_r = simpo_loss(avg[:, 0], avg[:, 1], p.beta, p.simpo_gamma)
-        return losses.sum(), _pair_sums(losses, chosen_r, rejected_r)
+        return losses.sum(), pair_sums(losses, chosen_r, rejected_r)
 
     def orpo(model, batch, ref_fn=None):
         avg = policy_logps(model, batch, average=True)
         losses, log_odds = orpo_loss(-avg[:, 0], avg[:, 0], avg[:, 1], p.orpo_lambda)
-        sums = _pair_sums(losses, avg[:, 0].detach(), avg[:, 1].detach())
+        sums = pair_sums(losses, avg[:, 0].detach(), avg[:, 1].detach())
         sums["log_odds_sum"] = log_odds.sum().item()
         return losses.sum(), sums
 
@@ -152,7 +122,7 @@ def make_objective(name: str, config: RunConfig) -> Objective:
         scores = model(input_ids=ids, attention_mask=attn).logits[:, 0].view(-1, 2)
         margin = batch.get("margin") if p.use_margin else None
         losses = bradley_terry_loss(scores[:, 0], scores[:, 1], margin)
-        return losses.sum(), _pair_sums(losses, scores[:, 0].detach(), scores[:, 1].detach())
+        return losses.sum(), pair_sums(losses, scores[:, 0].detach(), scores[:, 1].detach())
 
     def kto(model, batch, ref_fn=None):
         # Row 0 of each example is (prompt, completion); row 1 pairs the prompt with another example's
@@ -163,11 +133,7 @@ def make_objective(name: str, config: RunConfig) -> Objective:
         labels = batch["label"].bool()
         losses, rewards = kto_loss(pol[:, 0], ref[:, 0], labels, z0, p.beta,
                                    p.desirable_weight, p.undesirable_weight)
-        sums = {"loss_sum": losses.detach().sum().item(), "examples": float(len(losses)),
-                "desirable": labels.float().sum().item(),
-                "desirable_reward_sum": rewards[labels].sum().item(),
-                "undesirable_reward_sum": rewards[~labels].sum().item(), "kl_sum": z0.item() * len(losses)}
-        return losses.sum(), sums
+        return losses.sum(), kto_sums(losses, rewards, labels, z0.item())
 
     rl = config.rl
     temperature = config.rollout.temperature or 1.0
@@ -187,28 +153,26 @@ def make_objective(name: str, config: RunConfig) -> Objective:
             weights = behavior_weights(clip_against, old, mask, rl.behavior_weight_cap)
         loss, stats = clipped_policy_loss(logp, clip_against, adv, mask, rl.clip_eps, rl.clip_eps_high,
                                           rl.dual_clip, rl.aggregation, weights)
-        sums = {"pg_loss_sum": loss.item()}
+        means = {"pg_loss": loss.item()}
         if weights is not None:
-            sums["behavior_weight_sum"] = masked_mean(weights, mask).item()
+            means["behavior_weight"] = masked_mean(weights, mask).item()
         if "ref_logps" in batch:
             kl = kl_estimate(logp, batch["ref_logps"][:, start:], rl.kl_estimator, clamp=10.0, mask=mask)
-            sums["kl_sum"] = masked_mean(kl.detach(), mask).item()
+            means["kl"] = masked_mean(kl.detach(), mask).item()
             if rl.kl_in == "loss" and kl_coef > 0:
                 loss = loss + kl_coef * aggregate_loss(kl, mask, rl.aggregation)
         if rl.entropy_coef > 0:
             entropy = entropy_from_logits(logits)
             loss = loss - rl.entropy_coef * aggregate_loss(entropy, mask, rl.aggregation)
-            sums["entropy_sum"] = masked_mean(entropy.detach(), mask).item()
+            means["entropy"] = masked_mean(entropy.detach(), mask).item()
         else:
             with torch.no_grad():  # for the log only, on the response tokens alone
                 entropy = entropy_from_logits(logits[mask.bool()])
-            sums["entropy_sum"] = entropy.mean().item() if entropy.numel() else 0.0
+            means["entropy"] = entropy.mean().item() if entropy.numel() else 0.0
         stats["logp_gap"] = masked_mean((logp.detach() - old).abs(), mask)  # learner vs rollout log-probs
-        sums.update({f"{k}_sum": stats[k].item() for k in ("clip_fraction", "approx_kl", "logp_gap")})
-        # Every value above is a mean: scale to sums (over units for the loss, tokens for the rest).
+        means.update({k: stats[k].item() for k in ("clip_fraction", "approx_kl", "logp_gap")})
         tokens, units = mask.sum().item(), rl_units(batch["loss_mask"], rl.aggregation)
-        sums = {k: v * (units if k == "pg_loss_sum" else tokens) for k, v in sums.items()}
-        sums.update(tokens=tokens, units=units)
+        sums = policy_sums(means, units, tokens)
         return loss * units, sums
 
     def value(model, batch, ref_fn=None, **_):
@@ -219,9 +183,7 @@ def make_objective(name: str, config: RunConfig) -> Objective:
         values = model(input_ids=ids).values[:, start - 1 : -1].float()
         loss, stats = clipped_value_loss(values, old, returns, mask, rl.value_clip, rl.aggregation)
         tokens, units = mask.sum().item(), rl_units(batch["loss_mask"], rl.aggregation)
-        sums = {"value_loss_sum": loss.item() * units, "units": units, "tokens": tokens,
-                "value_clip_fraction_sum": stats["value_clip_fraction"].item() * tokens}
-        return loss * units, sums
+        return loss * units, value_sums(loss.item(), stats["value_clip_fraction"].item(), units, tokens)
 
     objectives: dict[str, Objective] = {
         "sft": sft_objective, "dpo": dpo, "simpo": simpo, "orpo": orpo, "reward": reward, "kto": kto,

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from raylign.config import RewardConfig
+from raylign.config import RewardConfig, as_section
 from raylign.runtime import cpu_threads
 
 
@@ -19,14 +19,14 @@ class RewardWorker:
     actor of the group receives the same update, so their copies stay identical.
     """
 
-    def __init__(self, rank: int, world_size: int, num_cpus: float, reward: dict[str, Any],
+    def __init__(self, rank: int, world_size: int, num_cpus: float, reward: RewardConfig | dict[str, Any],
                  tokenizer: str | None = None, discriminator: dict[str, Any] | None = None):
         torch.set_num_threads(cpu_threads(num_cpus))
         from raylign.rewards import WeightedMix, build_reward
 
         self.rank = rank
         kwargs = {"tokenizer": tokenizer} if tokenizer else {}
-        cfg = RewardConfig.model_validate(reward)
+        cfg = as_section(RewardConfig, reward)
         mix = build_reward(cfg, **kwargs) if cfg.sources else None
         self.discriminator = None
         if discriminator is not None:  # adversarial training: D joins the mix with its weight

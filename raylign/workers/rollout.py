@@ -19,15 +19,10 @@ import torch
 from transformers import DynamicCache
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-from raylign.config import ModelConfig, RolloutConfig
+from raylign.config import ModelConfig, RolloutConfig, as_section
 from raylign.models.hf import cache_argument
 from raylign.models.lora import is_lora_weight, lora_merge_deltas, plain_param_name, uses_conv1d
-from raylign.runtime import cpu_threads, quiet_libraries
-
-
-def chunk_seed(seed: int, chunk: int) -> int:
-    """A well-mixed 31-bit seed for chunk `chunk` of a call seeded `seed`."""
-    return int(np.random.SeedSequence([seed, chunk]).generate_state(1)[0] >> 1)
+from raylign.runtime import Purpose, cpu_threads, derive_seed, quiet_libraries
 
 
 @torch.no_grad()
@@ -95,7 +90,7 @@ def cut_at_eos(tokens: np.ndarray, eos_ids: np.ndarray) -> tuple[int, bool]:
 class RolloutWorker:
     """One sampler: a plain causal LM, the learner's latest weights merged in, batched generation."""
 
-    def __init__(self, rank: int, world_size: int, num_cpus: float, model: dict[str, Any], seed: int = 0,
+    def __init__(self, rank: int, world_size: int, num_cpus: float, model: ModelConfig | dict[str, Any], seed: int = 0,
                  apply_chat_template: bool = True, reference: bool = False):
         torch.set_num_threads(cpu_threads(num_cpus))
         quiet_libraries()
@@ -104,7 +99,7 @@ class RolloutWorker:
         self.rank = rank
         self.seed = seed
         self.apply_chat_template = apply_chat_template
-        cfg = ModelConfig.model_validate(model)
+        cfg = as_section(ModelConfig, model)
         # The base model, never wrapped: adapters are merged into its weights instead.
         net, self.tokenizer = load_causal_lm(cfg.model_copy(update={"lora": None, "gradient_checkpointing": False}))
         self.lora_scaling = cfg.lora.alpha / cfg.lora.r if cfg.lora is not None else None
@@ -183,15 +178,17 @@ class RolloutWorker:
 
     # ---- generation ----------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, prompts: list[Any], sampling: dict[str, Any], seed: int, weights: Any = None,
+    def generate(self, prompts: list[Any], sampling: RolloutConfig | dict[str, Any], seed: int, *, step: int = 0,
+                 purpose: Purpose = Purpose.SAMPLE, first_index: int = 0, weights: Any = None,
                  version: int | None = None, reference: bool = False) -> dict[str, Any]:
         """Sample `n_samples` completions per prompt (string, chat messages, or token ids taken as they
         are) with the given weights.
 
         `weights` (with its `version`) is loaded first unless this worker already holds that version:
         the driver sends them with every call so that an actor Ray restarted reloads them before a
-        retried call. Each chunk of `batch_size` prompts is seeded from (seed, chunk index), so the
-        output depends only on the arguments. Rows are prompt-major (prompt i's samples contiguous):
+        retried call. Each chunk of `batch_size` prompts is seeded with `derive_seed(seed, purpose, step,
+        first_index + its first prompt's index here)`: `first_index` is where `prompts` start in the
+        caller's list (the step's prompts, a file), so the output depends only on the arguments. Rows are prompt-major (prompt i's samples contiguous):
 
         prompt_ids / response_ids (int64) / logprobs (float32): per row, the unpadded prompt, the
         generated tokens up to and including the first EOS, and log_softmax(logits / T) of each of
@@ -209,12 +206,12 @@ class RolloutWorker:
 
                 weights = ray.get(weights)
             self.set_weights(weights, version)
-        cfg = RolloutConfig.model_validate(sampling)
+        cfg = as_section(RolloutConfig, sampling)
         start = time.perf_counter()
         out: dict[str, list] = {"prompt_ids": [], "response_ids": [], "logprobs": [], "finished": [],
                                 "prompt_index": []}
-        for chunk, first in enumerate(range(0, len(prompts), cfg.batch_size)):
-            torch.manual_seed(chunk_seed(seed, chunk))
+        for first in range(0, len(prompts), cfg.batch_size):
+            torch.manual_seed(derive_seed(seed, purpose, step, first_index + first))
             rows = self._generate_chunk(prompts[first : first + cfg.batch_size], cfg)
             for key, values in rows.items():
                 out[key].extend(values)
@@ -239,8 +236,7 @@ class RolloutWorker:
                          cfg: RolloutConfig) -> list[np.ndarray]:
         """log π_ref(response token | prefix) per row, computed as the learner does: right-padded
         prompt + response rows (no attention mask needed), logits at the sampling temperature."""
-        from raylign.algorithms.logprobs import token_logps
-        from raylign.workers.objectives import rl_logits
+        from raylign.algorithms.logprobs import rl_logits, token_logps
 
         temperature = cfg.temperature or 1.0
         rows_per_call = cfg.batch_size * cfg.n_samples
@@ -287,9 +283,10 @@ class RolloutWorker:
             rows["finished"].append(finished)
         return rows
 
-    def generate_texts(self, prompts: list[Any], sampling: dict[str, Any],
-                       seed: int | None = None) -> list[list[str]]:
+    def generate_texts(self, prompts: list[Any], sampling: RolloutConfig | dict[str, Any], seed: int | None = None, *,
+                       step: int = 0, purpose: Purpose = Purpose.SAMPLE, first_index: int = 0) -> list[list[str]]:
         """For each prompt, its `n_samples` completion texts (evaluation, quickstart, annotation)."""
-        out = self.generate(prompts, sampling, self.seed if seed is None else seed)
-        n = RolloutConfig.model_validate(sampling).n_samples
+        out = self.generate(prompts, sampling, self.seed if seed is None else seed, step=step, purpose=purpose,
+                            first_index=first_index)
+        n = as_section(RolloutConfig, sampling).n_samples
         return [out["texts"][i : i + n] for i in range(0, len(out["texts"]), n)]

@@ -7,7 +7,8 @@ import math
 import pytest
 
 from raylign.config import ConfigError, load_config
-from raylign.pipelines.multitask import gates_hold, multitask_score, summarize_task, task_batch_sizes
+from raylign.data.batches import summarize_task
+from raylign.pipelines.multitask import gates_hold, multitask_score, task_batch_sizes
 
 
 def test_recipe_loads_and_tasks_get_their_data_kind():
@@ -45,12 +46,12 @@ def test_summaries_by_hand():
     # predictions [1, 2, 3] against targets [1, 3, 2]: mse 2/3, pearson 0.5
     sums = {"loss_sum": 2.0, "examples": 3.0, "pred_sum": 6.0, "target_sum": 6.0, "pred_sq": 14.0,
             "target_sq": 14.0, "cross": 13.0}
-    out = summarize_task(tasks["rating"], sums, "eval/rating")
+    out = summarize_task(tasks["rating"].type, sums, "eval/rating")
     assert out["eval/rating/loss"] == pytest.approx(2 / 3)
     assert out["eval/rating/pearson"] == pytest.approx(0.5)
-    out = summarize_task(tasks["imitation"], {"nll_sum": 20.0, "tokens": 10.0}, "train/imitation")
+    out = summarize_task(tasks["imitation"].type, {"nll_sum": 20.0, "tokens": 10.0}, "train/imitation")
     assert out == {"train/imitation/loss": 2.0, "train/imitation/ppl": pytest.approx(math.exp(2.0))}
-    out = summarize_task(tasks["preference"], {"loss_sum": 1.0, "correct": 3.0, "margin_sum": 2.0,
+    out = summarize_task(tasks["preference"].type, {"loss_sum": 1.0, "correct": 3.0, "margin_sum": 2.0,
                                                "chosen_sum": 1.0, "rejected_sum": -1.0, "pairs": 4.0}, "eval/p")
     assert out["eval/p/accuracy"] == 0.75 and out["eval/p/loss"] == 0.25
 

@@ -8,12 +8,12 @@ import torch
 
 from raylign.config import ConfigError, load_config
 from raylign.pipelines.online import (
+    batch_advantages,
     check_online_config,
-    compute_advantages,
     merge_rollouts,
-    split_list,
     training_batch,
 )
+from raylign.workers.group import shard_batch
 from raylign.workers.objectives import make_objective, rl_units
 
 
@@ -60,7 +60,7 @@ def test_grpo_advantages_are_group_normalised_and_broadcast_over_response_tokens
     config = load_config("grpo", ["rl.kl_in=loss"])
     batch = training_batch(_rollouts(), pad_id=0)
     batch["ref_logps"] = batch["old_logps"].copy()
-    adv, returns, metrics = compute_advantages("grpo", config, batch, np.array([1.0, 0.0, 2.0, 2.0]),
+    adv, returns, metrics = batch_advantages("grpo", config, batch, np.array([1.0, 0.0, 2.0, 2.0]),
                                                np.array([0, 0, 1, 1]), kl_coef=0.1)
     # Group 0: scores (1, 0): mean 0.5, sample std 0.7071 -> ±0.7071; group 1 has equal scores -> 0.
     a = 0.5 / np.sqrt(0.5)
@@ -75,7 +75,7 @@ def test_rloo_subtracts_the_sequence_kl_from_the_reward_when_kl_is_in_the_reward
     batch = training_batch(_rollouts(), pad_id=0)
     batch["ref_logps"] = batch["old_logps"].copy()
     batch["ref_logps"][0, 3:5] -= 1.0  # row 0: log π − log π_ref = 1 on both tokens -> Σ KL = 2
-    adv, _, metrics = compute_advantages("rloo", config, batch, np.array([1.0, 0.0, 2.0, 2.0]),
+    adv, _, metrics = batch_advantages("rloo", config, batch, np.array([1.0, 0.0, 2.0, 2.0]),
                                          np.array([0, 0, 1, 1]), kl_coef=0.25)
     # Shaped scores: 1 − 0.25·2 = 0.5 and 0; leave-one-out: 0.5 − 0 = 0.5, 0 − 0.5 = −0.5.
     assert adv[0, 3] == pytest.approx(0.5) and adv[1, 3] == pytest.approx(-0.5)
@@ -88,7 +88,7 @@ def test_ppo_returns_are_gae_targets_for_the_critic():
     batch["ref_logps"] = batch["old_logps"].copy()
     values = np.zeros_like(batch["old_logps"])
     values[0, 3:5] = [0.25, 0.5]
-    adv, returns, _ = compute_advantages("ppo", config, batch, np.array([1.0, 0.0, 2.0, 2.0]),
+    adv, returns, _ = batch_advantages("ppo", config, batch, np.array([1.0, 0.0, 2.0, 2.0]),
                                          np.array([0, 1, 2, 3]), kl_coef=0.0, values=values)
     # γ = λ = 1, reward 1 on the last token: returns are 1 on every response token, A = 1 − V.
     assert returns[0].tolist() == pytest.approx([0, 0, 0, 1, 1])
@@ -139,9 +139,9 @@ def test_online_config_errors_are_one_clear_message():
         check_online_config(load_config("grpo"), 10)
 
 
-def test_split_list_is_contiguous_and_covers_everything():
-    assert split_list(list(range(5)), 2) == [[0, 1, 2], [3, 4]]
-    assert split_list([1], 3) == [[1], [], []]
+def test_shard_batch_splits_lists_contiguously_and_covers_everything():
+    assert [s["x"] for s in shard_batch({"x": list(range(5))}, 2)] == [[0, 1, 2], [3, 4]]
+    assert [s["x"] for s in shard_batch({"x": [1]}, 3)] == [[1], [], []]
 
 
 def test_pending_rollouts_survive_a_checkpoint_round_trip(tmp_path):

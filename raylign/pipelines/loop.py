@@ -1,0 +1,257 @@
+"""The one driver skeleton: everything a training loop does besides its algorithm, written once.
+
+`run_loop(config, algorithm, ...)` owns, in this order: the run directory; the Ray connection; the
+actor groups the algorithm starts (released on every path out, errors included, each group's
+shutdown guarded so one failure does not leak the rest); the learners' process groups and
+optimizers; `--resume` from the latest checkpoint (learner states, the algorithm's own state, the
+logs cut back to the checkpoint's step); the progress bar; logging every `train.log_every` steps;
+evaluation every `train.eval_every`; atomic checkpoints every `output.save_every` (written to a temp
+dir, renamed when complete); `final/`; the trackers' artifact; the one-line result.
+
+An algorithm (`offline.py`, `online.py`, `multitask.py`; adversarial training is the online loop
+with a second player) subclasses `Algorithm` and fills in `start` (its actor groups) and `step` (one
+training step's metrics), plus whichever hooks it needs. A step names its phases with
+`timer.phase(name)` (veRL's marked_timer): `generate`, `score`, `reference`, `values`,
+`advantages`, `train`; each phase's seconds reach metrics.jsonl as `perf/<phase>_seconds` from this
+one place, with `perf/step_seconds` for the whole step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from tqdm.auto import tqdm
+
+from raylign.config import RunConfig
+from raylign.rundir import RunDir, RunResult, read_trainer_state, write_trainer_state
+from raylign.runtime import init_ray
+from raylign.workers.group import WorkerGroup
+
+log = logging.getLogger(__name__)
+
+PHASES = ("generate", "score", "reference", "values", "advantages", "train")
+OnStep = Callable[[int, dict[str, Any]], None]
+
+
+class PhaseTimer:
+    """Seconds per named phase of one step: `with timer.phase("train"): ...`."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.started = time.perf_counter()
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        if name not in PHASES:
+            raise ValueError(f"unknown phase '{name}'; phases: {', '.join(PHASES)}")
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+    def add(self, name: str, seconds: float) -> None:
+        """Time spent in a phase before the step began (e.g. waiting on rollouts started earlier)."""
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+        self.started -= seconds
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def metrics(self) -> dict[str, float]:
+        return {f"perf/{name}_seconds": s for name, s in self.seconds.items()} | {"perf/step_seconds": self.elapsed()}
+
+
+@dataclass
+class LearnerSlot:
+    """A learner group and where its state goes: `subdir` of each checkpoint ("" = the checkpoint
+    itself), with an HF model dir there or not, and whether it writes `final/`."""
+
+    group: WorkerGroup
+    subdir: str = ""
+    model_dir: bool = True
+    final: bool = True
+
+
+class Algorithm:
+    """What a loop fills in. Hooks run in this order: start, (learners set up), prepare, load_state
+    (on resume), begin, then per step: step, [evaluate], [save_state], and at the end finish,
+    (final/ saved), after_final."""
+
+    name: str = "train"  # the progress bar's label
+    total_steps: int = 0
+
+    def __init__(self, config: RunConfig, console: Console):
+        self.config = config
+        self.console = console
+        self.learners: list[LearnerSlot] = []
+        self.groups: list[WorkerGroup] = []  # every other group the algorithm started
+
+    @property
+    def optimizer_steps(self) -> int:
+        """Scheduler length: optimizer steps over the whole run (several per step in online RL)."""
+        return self.total_steps
+
+    def describe(self, run: RunDir) -> str:
+        """The run's one-line header."""
+        return f"[bold]{self.name}[/bold] {run.path}  ·  {self.total_steps} steps"
+
+    def start(self, run: RunDir) -> None:
+        """Start the actor groups: learner groups into `self.learners`, others into `self.groups`."""
+        raise NotImplementedError
+
+    def prepare(self, run: RunDir) -> None:
+        """After the learners' set-up, before resume (e.g. precompute reference log-probs)."""
+
+    def load_state(self, checkpoint: Path, state: dict[str, Any]) -> None:
+        """Restore the algorithm's own state from `checkpoint` (its trainer state is `state`)."""
+
+    def begin(self, run: RunDir, start: int, checkpoint: Path | None) -> None:
+        """Just before the first step (`start` > 0 on resume; `checkpoint` the one resumed from)."""
+
+    def step(self, step: int, timer: PhaseTimer) -> dict[str, Any]:
+        """Train step `step` (0-based); its metrics (perf/* are added by the skeleton)."""
+        raise NotImplementedError
+
+    def eval_due(self, done: int) -> bool:
+        every = self.config.train.eval_every
+        return bool(every) and done % every == 0
+
+    def evaluate(self, done: int) -> dict[str, Any]:
+        """Metrics measured on held-out data after `done` steps (merged into that step's row)."""
+        return {}
+
+    def postfix(self, metrics: dict[str, Any]) -> dict[str, str]:
+        """What the progress bar shows after a step."""
+        return {}
+
+    def save_state(self, checkpoint: Path) -> dict[str, Any]:
+        """Write the algorithm's own files into the (temporary) checkpoint dir; return what joins the
+        trainer state."""
+        return {}
+
+    def finish(self, run: RunDir, metrics: dict[str, Any]) -> dict[str, Any]:
+        """After the last step, before `final/` is saved: final evaluation; the run's headline metrics."""
+        return metrics
+
+    def after_final(self, run: RunDir) -> None:
+        """After `final/` is saved (e.g. save a second player next to it)."""
+
+
+def run_loop(config: RunConfig, algorithm: Algorithm, *, resume: bool = False, on_step: OnStep | None = None) -> RunResult:
+    """Run `algorithm` in a new (or resumed) run directory. `on_step(done, metrics)` is called after
+    each step's metrics are logged and its checkpoint (if any) is committed (Ray Tune reports from it)."""
+    run = RunDir(config, resume=resume)
+    algorithm.console.print(algorithm.describe(run))
+    try:
+        result = _run(config, algorithm, run, resume, on_step)
+    except BaseException:
+        _release(run, algorithm, quiet=True)  # the run's own error is the one the user sees
+        raise
+    _release(run, algorithm, quiet=False)
+    return result
+
+
+def _run(config: RunConfig, algorithm: Algorithm, run: RunDir, resume: bool, on_step: OnStep | None) -> RunResult:
+    init_ray(config.resources.ray_address)
+    algorithm.start(run)
+    for slot in algorithm.learners:
+        addr, port = slot.group.call("master_address")[0]
+        slot.group.call("setup_distributed", addr, port)
+        slot.group.call("setup_optimizer", algorithm.optimizer_steps)
+    algorithm.prepare(run)
+    start, checkpoint = 0, run.latest_checkpoint() if resume else None
+    if checkpoint is not None:
+        state = read_trainer_state(checkpoint)
+        for slot in algorithm.learners:
+            slot.group.call("load_checkpoint", str(checkpoint / slot.subdir))
+        algorithm.load_state(checkpoint, state)
+        start = int(state["step"])
+        run.truncate_logs_after(start)
+        algorithm.console.print(f"resumed from {checkpoint} at step {start}")
+    algorithm.begin(run, start, checkpoint)
+    metrics = _train(config, algorithm, run, start, on_step)
+    final = algorithm.finish(run, metrics)
+    for slot in algorithm.learners:
+        if slot.final:
+            slot.group.call("save_final", str(run.final))
+    algorithm.after_final(run)
+    run.log_final_model()
+    return RunResult(str(run.path), algorithm.total_steps, final)
+
+
+def _release(run: RunDir, algorithm: Algorithm, quiet: bool) -> None:
+    """Close the run directory and release every group; with `quiet`, errors on the way are logged
+    rather than raised (an error is already propagating)."""
+    errors = []
+    try:
+        run.close()
+    except BaseException as exc:  # noqa: BLE001 - release the actors whatever happens
+        errors.append(exc)
+    errors += shutdown_groups(algorithm)
+    if errors and quiet:
+        for exc in errors:
+            log.warning("while releasing the run's resources: %r", exc)
+    elif errors:
+        raise errors[0]
+
+
+def _train(config: RunConfig, algorithm: Algorithm, run: RunDir, start: int, on_step: OnStep | None) -> dict[str, Any]:
+    total = algorithm.total_steps
+    bar = tqdm(range(start, total), desc=algorithm.name, disable=not config.progress, initial=start, total=total,
+               unit="step")
+    metrics: dict[str, Any] = {}
+    for step in bar:
+        timer = PhaseTimer()
+        metrics = algorithm.step(step, timer)
+        metrics.update(timer.metrics())
+        done = step + 1
+        if algorithm.eval_due(done):
+            metrics.update(algorithm.evaluate(done))
+        if done % config.train.log_every == 0 or done == total:
+            run.log_metrics(done, metrics)
+        bar.set_postfix(algorithm.postfix(metrics))
+        if config.output.save_every and done % config.output.save_every == 0 and done < total:
+            save_checkpoint(algorithm, run, done)
+        if on_step is not None:
+            on_step(done, metrics)
+    return metrics
+
+
+def save_checkpoint(algorithm: Algorithm, run: RunDir, step: int) -> Path:
+    """Every learner's state and the algorithm's into a temp dir, renamed to checkpoints/step_<n>."""
+    tmp = run.begin_checkpoint(step)
+    extra = algorithm.save_state(tmp)
+    for slot in algorithm.learners:
+        slot.group.call("save_checkpoint", str(tmp / slot.subdir), with_model_dir=slot.model_dir)
+    write_trainer_state(tmp, {"step": step, **extra})
+    return run.commit_checkpoint(step, tmp)
+
+
+def shutdown_groups(algorithm: Algorithm) -> list[BaseException]:
+    """Release every actor and placement group, whatever fails on the way; returns what failed."""
+    errors: list[BaseException] = []
+    for slot in algorithm.learners:
+        try:
+            slot.group.call("shutdown")  # leave the process group cleanly
+        except BaseException as exc:  # noqa: BLE001 - keep releasing the rest
+            errors.append(exc)
+        finally:
+            try:
+                slot.group.shutdown()
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+    for group in algorithm.groups:
+        try:
+            group.shutdown()
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+    algorithm.learners, algorithm.groups = [], []
+    return errors
