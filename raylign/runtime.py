@@ -10,6 +10,9 @@ draw depends on nothing but these four numbers, a same-seed run repeats exactly,
 what the uninterrupted one would have, a retried actor call repeats its share, and different purposes
 never share a stream. (`SeedSequence` ignores trailing zero words, so rng(s, DATA_ORDER, e) equals
 `numpy.random.default_rng([s, e])`: the row order of offline training is what it always was.)
+Two seeds are not a run's randomness and stay plain constants: the build seed of a `tiny:` model
+(`models/tiny.py`, so every machine builds the same weights) and a sweep's `search_seed`, which Ray
+Tune's search algorithm takes as it is. Unseeded serving requests draw fresh OS entropy on purpose.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ import pyarrow as pa
 from raylign.data.builtin import BUILTIN_PREFIX, read_builtin
 from raylign.data.readers import read_path
 from raylign.data.schema import DataError, RawData, check_kind, infer_kind, validate_records
+from raylign.runtime import Purpose, rng
 
 if TYPE_CHECKING:
     from raylign.config import DataConfig
@@ -60,7 +61,7 @@ def build_table(raw: RawData, checked: list[dict[str, Any]], fields: dict[str, s
     for name in raw.columns:
         values = [row.get(name) for row in checked]
         if name == "prompt" and name in fields:
-            arrays[name] = prompt_array(values)
+            arrays[name] = prompt_array([row[name] for row in checked])  # checked: every row has one
         elif name in fields:
             arrays[name] = pa.array(values, type=ARROW_TYPES[fields[name]])
         elif raw.table is not None:
@@ -126,7 +127,7 @@ def group_keys(table: pa.Table) -> list[str]:
 def split_train_val(table: pa.Table, val_fraction: float, seed: int = 0) -> tuple[pa.Table, pa.Table]:
     """Deterministic split: the same table, fraction and seed always give the same rows.
 
-    Prompt groups are shuffled with `numpy.random.default_rng(seed)` and taken whole until the
+    Prompt groups are shuffled with `raylign.runtime.rng(seed, Purpose.SPLIT)` and taken whole until the
     validation side holds round(n * val_fraction) rows (at least one when the fraction is positive
     and there are two or more groups). Both sides keep the file's row order.
     """
@@ -139,7 +140,7 @@ def split_train_val(table: pa.Table, val_fraction: float, seed: int = 0) -> tupl
     groups = list(sizes)
     if val_fraction > 0 and len(groups) >= 2:
         target = max(1, target)
-    order = np.random.default_rng(seed).permutation(len(groups))
+    order = rng(seed, Purpose.SPLIT).permutation(len(groups))
     val_groups: set[str] = set()
     taken = 0
     for index in order:

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from raylign.algorithms.diversity import distinct_n
+from raylign.runtime import Purpose, rng
 
 DEFAULT_BOOTSTRAP = 1000
 
@@ -46,8 +47,7 @@ def bootstrap_ci(
     if n == 1:
         point = float(statistic(arr))
         return point, point
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, n, size=(n_boot, n))
+    idx = rng(seed, Purpose.BOOTSTRAP).integers(0, n, size=(n_boot, n))
     if statistic is np.mean and arr.ndim == 1:  # vectorised fast path
         stats = arr[idx].mean(axis=1)
     else:

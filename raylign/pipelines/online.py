@@ -37,7 +37,7 @@ from raylign.evaluation.metrics import reward_length_correlation
 from raylign.pipelines.loop import Algorithm, LearnerSlot, OnStep, PhaseTimer, run_loop
 from raylign.pipelines.offline import step_indices
 from raylign.rundir import CRITIC_DIR, PENDING_ROLLOUTS, PENDING_ROLLOUTS_META, RunDir, RunResult
-from raylign.runtime import Purpose, rng
+from raylign.runtime import Purpose, derive_seed, rng
 from raylign.workers.group import WorkerGroup, shard_batch
 from raylign.workers.learner import LearnerWorker
 from raylign.workers.reward import RewardWorker, merge_scores
@@ -141,7 +141,8 @@ def discriminator_kwargs(config: RunConfig) -> dict[str, Any]:
             "label_smoothing": a.label_smoothing, "gradient_penalty": a.gradient_penalty,
             "batch_size": config.reward.batch_size, "max_length": a.max_length,
             "max_prompt_length": config.data.max_prompt_length,
-            "apply_chat_template": config.data.apply_chat_template, "seed": config.seed,
+            "apply_chat_template": config.data.apply_chat_template,
+            "seed": derive_seed(config.seed, Purpose.INIT),
             "conditioned": config.data.kind == "pairs"}  # pairs: human answers to the same prompts
 
 

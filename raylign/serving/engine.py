@@ -35,13 +35,17 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 import torch
 from transformers import DynamicCache, LogitsProcessor
 
 from raylign.models.hf import cache_argument
+from raylign.runtime import Purpose, derive_seed
+
+if TYPE_CHECKING:
+    from transformers.cache_utils import DynamicLayer
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +96,8 @@ Emit = Callable[[dict[int, list[RowUpdate]]], None]  # {job index: updates}, onc
 
 
 def row_seed(seed: int, row: int) -> int:
-    """A well-mixed 63-bit seed for row `row` of a request seeded `seed`."""
-    return int(np.random.SeedSequence([seed & (2**64 - 1), row]).generate_state(1, np.uint64)[0] >> 1)
+    """The seed of row `row` of a request seeded `seed` (the project's scheme, `Purpose.SERVE`)."""
+    return derive_seed(seed, Purpose.SERVE, 0, row)
 
 
 class RowSampler(LogitsProcessor):
@@ -109,7 +113,8 @@ class RowSampler(LogitsProcessor):
         self.sampled = [i for i, g in enumerate(self.generators) if g is not None and not self.greedy[i]]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        return one_hot_scores(self.choose(scores), scores)
+        # transformers annotates scores as the legacy FloatTensor class, which no tensor is statically.
+        return cast(torch.FloatTensor, one_hot_scores(self.choose(scores), scores))
 
     def choose(self, scores: torch.Tensor) -> torch.Tensor:
         """The next token of every row, [rows] int64."""
@@ -238,6 +243,8 @@ class _Admission:
     def result(self) -> BatchResult:
         out: list[list[tuple[str, int, str]]] = [[] for _ in self.jobs]
         for row in self.rows:
+            if row.finish is None:  # a result is only taken once every row has finished
+                raise RuntimeError(f"row {row.index} of job {row.job} has not finished")
             out[row.job].append((row.text, len(row.tokens), row.finish))
         return BatchResult(out, self.steps, time.perf_counter() - self.start, self.peak_rows)
 
@@ -261,8 +268,21 @@ def common_prefix(seqs: Sequence[Sequence[int]]) -> int:
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [rows, heads, length, head dim]
 
 
+def kv_layers(cache: DynamicCache) -> list[DynamicLayer]:
+    """`cache.layers`, typed as what the engine's caches hold: key/value (attention) layers, the only
+    kind `DynamicCache()` and `DynamicCache(ddp_cache_data=...)` of a decoder make."""
+    return cast("list[DynamicLayer]", cache.layers)
+
+
+def layer_kv(layer: DynamicLayer) -> tuple[torch.Tensor, torch.Tensor]:
+    """A filled layer's keys and values."""
+    if layer.keys is None or layer.values is None:
+        raise RuntimeError("a KV cache layer was never filled")
+    return layer.keys, layer.values
+
+
 def cache_tensors(cache: DynamicCache) -> KV:
-    return [(layer.keys, layer.values) for layer in cache.layers]
+    return [layer_kv(layer) for layer in kv_layers(cache)]
 
 
 def left_pad(kv: KV, mask: torch.Tensor, length: int) -> tuple[KV, torch.Tensor]:
@@ -277,7 +297,8 @@ def left_pad(kv: KV, mask: torch.Tensor, length: int) -> tuple[KV, torch.Tensor]
 class Engine:
     """A causal LM and its tokenizer, decoding every submitted request in one continuous batch."""
 
-    def __init__(self, model: str, dtype: str = "float32", trust_remote_code: bool = False,
+    def __init__(self, model: str, dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+                 trust_remote_code: bool = False,
                  merge_lora: bool = True, device: str | None = None, max_rows: int = 32):
         from raylign.config import ModelConfig
         from raylign.models import is_peft_model, load_causal_lm
@@ -329,7 +350,8 @@ class Engine:
         return self.tokenizer(format_prompt(messages, self.tokenizer), add_special_tokens=False)["input_ids"]
 
     def decode(self, tokens: list[int]) -> str:
-        return self.tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        # One sequence of ids decodes to one string (`decode` is typed for batches too).
+        return cast(str, self.tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False))
 
     # ---- requests ------------------------------------------------------------------------------
     def submit(self, jobs: Sequence[Job], emit: Emit | None = None) -> concurrent.futures.Future:
@@ -398,15 +420,22 @@ class Engine:
     def _reset(self) -> None:
         self._rows, self._cache, self._mask, self._logits, self._sampler = [], None, None, None, None
 
+    def _running(self) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
+        """The running batch's KV cache, attention mask and next-token logits (set while rows are live)."""
+        if self._cache is None or self._mask is None or self._logits is None:
+            raise RuntimeError("no running batch")
+        return self._cache, self._mask, self._logits
+
     def _join(self, admission: _Admission) -> None:
         kv, mask, logits = self._prefill([row.prompt for row in admission.rows])
         if self._rows:  # both sides padded on the left to a common length, then stacked
-            length = max(mask.shape[1], self._mask.shape[1])
-            old_kv, old_mask = left_pad(cache_tensors(self._cache), self._mask, length)
+            cache, running_mask, running_logits = self._running()
+            length = max(mask.shape[1], running_mask.shape[1])
+            old_kv, old_mask = left_pad(cache_tensors(cache), running_mask, length)
             kv, mask = left_pad(kv, mask, length)
             kv = [(torch.cat([k0, k1]), torch.cat([v0, v1])) for (k0, v0), (k1, v1) in zip(old_kv, kv, strict=True)]
             mask = torch.cat([old_mask, mask])
-            logits = torch.cat([self._logits, logits])
+            logits = torch.cat([running_logits, logits])
         self._cache = DynamicCache(ddp_cache_data=kv)
         self._mask, self._logits = mask, logits
         self._rows = self._rows + admission.rows
@@ -450,10 +479,11 @@ class Engine:
         rows = self._rows
         if not rows:
             return
+        cache, mask, logits = self._running()
         if self._sampler is None:
             self._sampler = RowSampler([r.temperature for r in rows], [r.top_p for r in rows],
                                        [r.generator for r in rows])
-        tokens = self._sampler.choose(self._logits)
+        tokens = self._sampler.choose(logits)
         updates: dict[int, dict[int, list[RowUpdate]]] = {}
         admissions: dict[int, _Admission] = {}
         for row, token in zip(rows, tokens.tolist(), strict=True):
@@ -483,21 +513,25 @@ class Engine:
             return
         if len(keep) < len(rows):
             index = torch.tensor(keep, device=self.device)
-            self._cache.batch_select_indices(index)
-            self._mask, tokens = self._mask[index], tokens[keep]
+            cache.batch_select_indices(index)
+            mask, tokens = mask[index], tokens[keep]
             self._rows = [rows[i] for i in keep]
             self._sampler = None
-            self._trim()
-        positions = self._mask.sum(-1, keepdim=True)
-        self._mask = torch.cat([self._mask, self._mask.new_ones(len(keep), 1)], dim=1)
+            mask = self._trim(cache, mask)
+        positions = mask.sum(-1, keepdim=True)
+        self._mask = torch.cat([mask, mask.new_ones(len(keep), 1)], dim=1)
         self._logits = self.model(input_ids=tokens[:, None].to(self.device), attention_mask=self._mask,
                                   position_ids=positions, use_cache=True,
-                                  **{self._cache_arg: self._cache}).logits[:, -1].float()
+                                  **{self._cache_arg: cache}).logits[:, -1].float()
 
-    def _trim(self) -> None:
-        """Cut the leading cache columns that no live row uses (left by rows that have left)."""
-        unused = int((self._mask.sum(0) == 0).long().cumprod(0).sum())
+    @staticmethod
+    def _trim(cache: DynamicCache, mask: torch.Tensor) -> torch.Tensor:
+        """Cut the leading cache columns that no live row uses (left by rows that have left); the
+        mask without them."""
+        unused = int((mask.sum(0) == 0).long().cumprod(0).sum())
         if unused:
-            self._mask = self._mask[:, unused:]
-            for layer in self._cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, unused:], layer.values[:, :, unused:]
+            mask = mask[:, unused:]
+            for layer in kv_layers(cache):
+                keys, values = layer_kv(layer)
+                layer.keys, layer.values = keys[:, :, unused:], values[:, :, unused:]
+        return mask
