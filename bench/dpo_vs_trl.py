@@ -54,6 +54,8 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import alternate_runs, endpoints_agree, step_timer, tail_mean  # noqa: E402
 
+from raylign.rundir import METRICS_FILE  # noqa: E402
+
 MODEL = "tiny:llama"
 
 # ---- data ----------------------------------------------------------------------------------------
@@ -156,7 +158,7 @@ def run_raylign(args: argparse.Namespace, data_path: Path, workdir: Path, name: 
         "train.weight_decay=0", "train.max_grad_norm=1.0", "train.eval_every=0", "train.log_every=1",
         "resources.learners=1", f"resources.cpus_per_learner={args.threads}",
         f"output.dir={workdir / 'runs'}", f"output.name={name}", "output.overwrite=true",
-        "output.save_every=0", "output.tensorboard=false", "output.samples_per_step=0",
+        "output.save_every=0", "output.trackers=[]", "output.samples_per_step=0",
     ]
     config = load_config("dpo", overrides)
     start = time.perf_counter()
@@ -168,7 +170,7 @@ def run_raylign(args: argparse.Namespace, data_path: Path, workdir: Path, name: 
         ray.shutdown()
     total = time.perf_counter() - start
     run_dir = Path(result.run_dir)
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines() if line.strip()]
     rows = [r for r in rows if "perf/step_seconds" in r]
     if len(rows) != args.steps:
         raise RuntimeError(f"raylign logged {len(rows)} training steps, expected {args.steps}")

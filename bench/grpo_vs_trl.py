@@ -82,6 +82,8 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import alternate_runs, endpoints_agree, step_timer, tail_mean  # noqa: E402
 
+from raylign.rundir import METRICS_FILE  # noqa: E402
+
 MODEL = "tiny:llama"
 PROMPTS = "builtin:everyday-prompts"
 HERE = Path(__file__).resolve().parent
@@ -216,7 +218,7 @@ def run_raylign(args: argparse.Namespace, data_path: Path, model_dir: str, workd
         f"resources.threads={raylign_threads(args)}",
         *MODES[args.raylign_mode],
         f"output.dir={workdir / 'runs'}", f"output.name={name}", "output.overwrite=true",
-        "output.save_every=0", "output.tensorboard=false", "output.samples_per_step=0",
+        "output.save_every=0", "output.trackers=[]", "output.samples_per_step=0",
     ] + list(args.raylign_set)
     config = load_config("grpo", overrides)
     # The Ray CPUs (a scheduling reservation only) are split evenly over the actors so that they all fit
@@ -233,14 +235,15 @@ def run_raylign(args: argparse.Namespace, data_path: Path, model_dir: str, workd
         ray.shutdown()
     total = time.perf_counter() - start
     run_dir = Path(result.run_dir)
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines() if line.strip()]
     rows = [r for r in rows if "perf/step_seconds" in r]
     if len(rows) != args.steps:
         raise RuntimeError(f"raylign logged {len(rows)} training steps, expected {args.steps}")
     step_s = [r["perf/step_seconds"] for r in rows]
     window = rows[-1]["time"] - (rows[0]["time"] - step_s[0])
     split = {"generate": sum(r["perf/generate_seconds"] for r in rows),
-             "score+ref": sum(r["perf/score_seconds"] + r["perf/reference_seconds"] for r in rows),
+             "score+ref": sum(r.get(f"perf/{phase}_seconds", 0.0) for r in rows
+                              for phase in ("score", "reference", "values", "advantages")),
              "train": sum(r["perf/train_seconds"] for r in rows)}
     if sum(r["rollout/completions"] for r in rows) != args.steps * per_step:
         raise RuntimeError("raylign trained on a different number of completions than expected")

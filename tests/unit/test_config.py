@@ -99,3 +99,19 @@ def test_later_override_wins_and_enables_a_null_section():
     cfg = load_config("sft", ["model.lora=null", "model.lora.r=8"])
     assert cfg.model.lora is not None and cfg.model.lora.r == 8 and cfg.model.lora.alpha == 32
     assert load_config("sft", ["model.lora.r=8", "model.lora=null"]).model.lora is None
+
+
+def test_a_moved_key_points_to_its_new_place():
+    """rollout.workers was accepted and read by nothing; the worker count is resources.rollout_workers."""
+    msg = _error("grpo", ["rollout.workers=2"])
+    assert "unknown key 'rollout.workers'. Did you mean 'resources.rollout_workers'?" in msg
+    assert load_config("grpo", ["resources.rollout_workers=2"]).resources.rollout_workers == 2
+
+
+def test_algorithm_is_checked_at_load_with_a_did_you_mean():
+    msg = _error("sft", ["algorithm=gpro"])
+    assert "'algorithm'" in msg and "Did you mean 'grpo'?" in msg
+    from raylign.config import ALGORITHMS
+    from raylign.pipelines import PIPELINES
+
+    assert set(ALGORITHMS) == set(PIPELINES)  # every algorithm the config accepts has a loop, and back
