@@ -14,6 +14,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Every test that needs the shared Ray, directly or through another fixture, is marked `ray`
+    (`make test-unit` deselects them: -m "not slow and not ray")."""
+    for item in items:
+        if "ray_session" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
+
+
 def pytest_sessionfinish(session, exitstatus):
     if _OWN_HOME:
         import shutil
