@@ -140,7 +140,7 @@ def check_prompt_tokens(model_dir: str, prompts: list[str]) -> int:
 
 def step_order(n_prompts: int, args: argparse.Namespace) -> list[int]:
     """The prompt indices raylign samples, step after step (its seeded `step_indices`)."""
-    from raylign.pipelines.offline import step_indices
+    from raylign.pipelines.loop import step_indices
 
     return [int(i) for step in range(args.steps)
             for i in step_indices(n_prompts, args.prompts_per_step, args.seed, step)]

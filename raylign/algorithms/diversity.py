@@ -1,8 +1,11 @@
-"""Diversity of generated text."""
+"""Diversity of generated text, and the reward-length correlation (signals of a collapsing or
+reward-hacking policy)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+
+import torch
 
 
 def distinct_n(sequences: Sequence[Sequence], n: int) -> float:
@@ -16,3 +19,16 @@ def distinct_n(sequences: Sequence[Sequence], n: int) -> float:
         raise ValueError("n must be >= 1")
     grams = [tuple(seq[i : i + n]) for seq in sequences for i in range(len(seq) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Pearson r = Σ(x−x̄)(y−ȳ) / √(Σ(x−x̄)² Σ(y−ȳ)²), e.g. of reward with response length (a reward-hacking
+    signal, Singhal et al. 2023); None when either side is constant or there are fewer than 3 points."""
+    xs, ys = torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(y, dtype=torch.float64)
+    if xs.shape != ys.shape:
+        raise ValueError(f"{len(xs)} x values but {len(ys)} y values")
+    dx, dy = xs - xs.mean(), ys - ys.mean()
+    denom = float((dx.square().sum() * dy.square().sum()).sqrt())
+    if len(xs) < 3 or denom == 0.0:
+        return None
+    return float((dx * dy).sum()) / denom

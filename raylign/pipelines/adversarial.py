@@ -31,7 +31,7 @@ from rich.console import Console
 
 from raylign.algorithms.adversarial import mc_prefix_values
 from raylign.config import ConfigError, RunConfig
-from raylign.pipelines.offline import step_indices
+from raylign.pipelines.loop import step_indices
 from raylign.pipelines.online import run_online
 from raylign.rundir import ADVERSARIAL_STATE, DISCRIMINATOR_DIR, RunResult
 from raylign.runtime import Purpose, rng

@@ -6,9 +6,10 @@ best and the worst become one pair `{prompt, chosen, rejected, margin, chosen_sc
 This is AI feedback standing in for human labels (RLAIF, Bai et al. 2022; Lee et al. 2023): the file
 trains reward models and DPO-family objectives like human-labelled pairs.
 
-Determinism: prompts are cut into chunks of `batch_size`; chunk i is sampled with its own seed derived
-from (seed, i), whichever worker runs it, so the same inputs and seed give a byte-identical file for
-any number of workers. The driver sends chunks one per idle worker (the progress bar moves per
+Determinism: prompts are cut into chunks of `batch_size`; the chunk whose first prompt is prompt i of
+the file is sampled with the seed key (seed, Purpose.ANNOTATE, step 0, index i) of `raylign.runtime`'s
+one seeding scheme, whichever worker runs it, so the same inputs and seed give a byte-identical file
+for any number of workers. The driver sends chunks one per idle worker (the progress bar moves per
 chunk) and scores a finished chunk while the workers sample the next ones. The output is written to
 `<out>.tmp` and renamed, so `out` is either the complete new file or untouched.
 """
@@ -22,18 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import ValidationError
 from rich.console import Console
 from tqdm.auto import tqdm
 
-from raylign.config import ConfigError, RolloutConfig
-
-CHUNK_SEED_STRIDE = 1_000_003
-
-
-def chunk_seed(seed: int, index: int) -> int:
-    """The sampling seed of chunk `index`: independent of which worker runs it or what ran before."""
-    return (seed * CHUNK_SEED_STRIDE + index) % (2**63)
+from raylign.config import ConfigError
+from raylign.pipelines.annotate_settings import AnnotateSettings
+from raylign.runtime import Purpose
 
 
 def best_worst_pair(
@@ -79,48 +74,14 @@ def write_jsonl_atomic(rows: list[dict[str, Any]], out: Path) -> None:
         raise
 
 
-def _check_args(out: str, n: int, workers: int, cpus_per_worker: float, sampling: dict[str, Any]) -> Path:
-    if n < 2:
-        raise ConfigError(f"--n must be at least 2 (a pair needs two samples per prompt), got {n}")
-    if workers < 1:
-        raise ConfigError(f"--workers must be at least 1, got {workers}")
-    if cpus_per_worker <= 0:
-        raise ConfigError(f"cpus_per_worker must be positive, got {cpus_per_worker}")
-    if sampling["temperature"] <= 0:
-        raise ConfigError(
-            f"--temperature must be > 0 (got {sampling['temperature']}): greedy decoding gives n identical "
-            "completions, so every prompt would tie"
-        )
-    try:
-        RolloutConfig.model_validate(sampling)
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise ConfigError(f"invalid sampling settings: {problems}") from None
+def _out_path(out: str) -> Path:
     path = Path(out).expanduser()
     if path.is_dir():
         raise ConfigError(f"--out {out} is a directory; give a file name such as {path / 'pairs.jsonl'}")
     return path
 
 
-def run_annotate(
-    prompts: str,
-    model: str,
-    annotator: str,
-    out: str,
-    n: int = 2,
-    seed: int = 0,
-    max_new_tokens: int = 48,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    limit: int | None = None,
-    workers: int = 1,
-    cpus_per_worker: float = 1.0,
-    batch_size: int = 8,
-    console: Console | None = None,
-    progress: bool = True,
-    ray_address: str | None = None,
-    min_margin: float = 0.0,
-) -> dict[str, Any]:
+def run_annotate(settings: AnnotateSettings, console: Console | None = None) -> dict[str, Any]:
     """Sample `n` completions per prompt on Ray, score them with `annotator`, write best-vs-worst pairs.
 
     `prompts`: any prompts-kind file or `builtin:everyday-prompts`; `model`: HF id, local dir,
@@ -140,26 +101,27 @@ def run_annotate(
     from raylign.workers.group import WorkerGroup
     from raylign.workers.rollout import RolloutWorker
 
+    s = settings
     console = console or Console()
-    sampling = {"batch_size": batch_size, "n_samples": n, "max_new_tokens": max_new_tokens,
-                "temperature": temperature, "top_p": top_p}
-    out_path = _check_args(out, n, workers, cpus_per_worker, sampling)
+    sampling = s.sampling
+    out_path = _out_path(s.out)
     start = time.perf_counter()
 
     # Everything a user can get wrong fails here, before any actor starts.
-    table = load_dataset(prompts, "prompts", limit=limit)
+    table = load_dataset(s.prompts, "prompts", limit=s.limit)
     prompt_list = table.column("prompt").to_pylist()
-    scorer = build_reward_source(annotator)
-    resolve_model_path(model)  # builds a tiny:/builtin: model once here, not in every actor
+    scorer = build_reward_source(s.annotator)
+    resolve_model_path(s.model)  # builds a tiny:/builtin: model once here, not in every actor
     out_path.parent.mkdir(parents=True, exist_ok=True)
 
-    chunks = [prompt_list[i : i + batch_size] for i in range(0, len(prompt_list), batch_size)]
-    workers = min(workers, len(chunks))
-    console.print(f"annotate: {len(prompt_list)} prompts x {n} samples from {model}, scored by {scorer.name}, "
+    # Chunk k starts at prompt k * batch_size of the file: its seed key's index.
+    chunks = [prompt_list[i : i + s.batch_size] for i in range(0, len(prompt_list), s.batch_size)]
+    workers = min(s.workers, len(chunks))
+    console.print(f"annotate: {len(prompt_list)} prompts x {s.n} samples from {s.model}, scored by {scorer.name}, "
                   f"{workers} rollout worker(s)")
-    init_ray(ray_address)
-    group = WorkerGroup(RolloutWorker, workers, cpus_per_worker, name="annotate-rollout",
-                        init_kwargs={"model": {"path": model}, "seed": seed})
+    init_ray(s.ray_address)
+    group = WorkerGroup(RolloutWorker, workers, s.cpus_per_worker, name="annotate-rollout",
+                        init_kwargs={"model": {"path": s.model}, "seed": s.seed})
     skipped = {"tie": 0, "empty": 0, "below_margin": 0}
     results: list[list[dict[str, Any] | None]] = [[] for _ in chunks]
     idle = list(group.workers)
@@ -170,13 +132,14 @@ def run_annotate(
         nonlocal next_chunk
         while idle and next_chunk < len(chunks):
             worker = idle.pop()
-            ref = worker.generate_texts.remote(chunks[next_chunk], sampling, seed=chunk_seed(seed, next_chunk))
+            ref = worker.generate_texts.remote(chunks[next_chunk], sampling, seed=s.seed, purpose=Purpose.ANNOTATE,
+                                               first_index=next_chunk * s.batch_size)
             pending[ref] = (next_chunk, worker)
             next_chunk += 1
 
     try:
-        with tqdm(total=len(prompt_list), desc=f"sampling {n}/prompt + scoring", unit="prompt",
-                  disable=not progress) as bar:
+        with tqdm(total=len(prompt_list), desc=f"sampling {s.n}/prompt + scoring", unit="prompt",
+                  disable=not s.progress) as bar:
             dispatch()
             while pending:
                 (ref,), _ = ray.wait(list(pending), num_returns=1)
@@ -191,7 +154,7 @@ def run_annotate(
                 for prompt, answers in zip(chunks[index], samples, strict=True):
                     row, why = best_worst_pair(prompt, answers, scores[offset : offset + len(answers)])
                     offset += len(answers)
-                    if row is not None and row["margin"] < min_margin:
+                    if row is not None and row["margin"] < s.min_margin:
                         row, why = None, "below_margin"
                     results[index].append(row)
                     if why:
@@ -202,11 +165,11 @@ def run_annotate(
 
     rows = [row for chunk_rows in results for row in chunk_rows if row is not None]
     seconds = time.perf_counter() - start
-    samples_total = len(prompt_list) * n
+    samples_total = len(prompt_list) * s.n
     if not rows:
         raise DataError(
             f"annotating {len(prompt_list)} prompts gave no pairs ({skipped['tie']} ties, {skipped['empty']} "
-            f"with fewer than two non-empty answers, {skipped['below_margin']} below --min-margin); nothing was written to {out}. Raise --n, "
+            f"with fewer than two non-empty answers, {skipped['below_margin']} below --min-margin); nothing was written to {s.out}. Raise --n, "
             "--temperature or --max-new-tokens, or use another annotator."
         )
     write_jsonl_atomic(rows, out_path)
@@ -222,12 +185,12 @@ def run_annotate(
         "seconds": seconds,
         "samples_per_second": samples_total / seconds if seconds > 0 else float("inf"),
         "out": str(out_path),
-        "model": model,
+        "model": s.model,
         "annotator": scorer.name,
     }
     empty = f", {summary['empty']} with <2 non-empty answers" if summary["empty"] else ""
     if summary["below_margin"]:
-        empty += f", {summary['below_margin']} below margin {min_margin}"
+        empty += f", {summary['below_margin']} below margin {s.min_margin}"
     console.print(
         f"[green]annotated:[/green] {summary['prompts']} prompts -> {summary['pairs']} pairs in {out_path} "
         f"({summary['ties']} ties skipped{empty}) · mean margin {summary['mean_margin']:.3f} · "

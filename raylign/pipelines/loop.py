@@ -26,18 +26,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from rich.console import Console
 from tqdm.auto import tqdm
 
 from raylign.config import RunConfig
 from raylign.rundir import RunDir, RunResult, read_trainer_state, write_trainer_state
-from raylign.runtime import init_ray
+from raylign.runtime import Purpose, init_ray, rng
 from raylign.workers.group import WorkerGroup
 
 log = logging.getLogger(__name__)
 
 PHASES = ("generate", "score", "reference", "values", "advantages", "train")
 OnStep = Callable[[int, dict[str, Any]], None]
+
+
+def step_indices(n_rows: int, batch_size: int, seed: int, step: int, stream: int = 0) -> np.ndarray:
+    """Rows of global step `step`: a fresh permutation each epoch (`Purpose.DATA_ORDER`, step = epoch,
+    index = `stream`, e.g. a multi-task run's task), incomplete batches dropped. A pure function of
+    (seed, step, stream), so a resumed run sees exactly the batches it would have seen."""
+    per_epoch = n_rows // batch_size
+    epoch, offset = divmod(step, per_epoch)
+    order = rng(seed, Purpose.DATA_ORDER, epoch, stream).permutation(n_rows)
+    return order[offset * batch_size : (offset + 1) * batch_size]
+
 
 
 class PhaseTimer:

@@ -21,13 +21,12 @@ from rich.console import Console
 from raylign.algorithms.task_weighting import priority_active, relative_improvement
 from raylign.config import ConfigError, RunConfig, TaskConfig
 from raylign.data.batches import add_sums, summarize_task
-from raylign.pipelines.loop import Algorithm, LearnerSlot, OnStep, PhaseTimer, run_loop
+from raylign.pipelines.loop import Algorithm, LearnerSlot, OnStep, PhaseTimer, run_loop, step_indices
 from raylign.pipelines.offline import (
     attach_reference_logps,
     collate,
     encode_pair_rows,
     encode_sft_rows,
-    step_indices,
 )
 from raylign.rundir import RunDir, RunResult
 from raylign.workers.group import WorkerGroup

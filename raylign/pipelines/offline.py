@@ -18,9 +18,8 @@ from tqdm.auto import tqdm
 
 from raylign.config import ConfigError, RunConfig
 from raylign.data.batches import add_sums, sum_parts, summarize_sums
-from raylign.pipelines.loop import Algorithm, LearnerSlot, OnStep, PhaseTimer, run_loop
+from raylign.pipelines.loop import Algorithm, LearnerSlot, OnStep, PhaseTimer, run_loop, step_indices
 from raylign.rundir import REFERENCE_CACHE_PREFIX, RunDir, RunResult
-from raylign.runtime import Purpose, rng
 from raylign.workers.group import WorkerGroup
 from raylign.workers.learner import LearnerWorker
 from raylign.workers.objectives import NEEDS_REFERENCE, count_units
@@ -103,16 +102,6 @@ def collate(encoded: list[dict], pad_id: int) -> dict[str, np.ndarray]:
 
 
 # ---- the algorithm -------------------------------------------------------------------------------
-
-
-def step_indices(n_rows: int, batch_size: int, seed: int, step: int, stream: int = 0) -> np.ndarray:
-    """Rows of global step `step`: a fresh permutation each epoch (`Purpose.DATA_ORDER`, step = epoch,
-    index = `stream`, e.g. a multi-task run's task), incomplete batches dropped. A pure function of
-    (seed, step, stream), so a resumed run sees exactly the batches it would have seen."""
-    per_epoch = n_rows // batch_size
-    epoch, offset = divmod(step, per_epoch)
-    order = rng(seed, Purpose.DATA_ORDER, epoch, stream).permutation(n_rows)
-    return order[offset * batch_size : (offset + 1) * batch_size]
 
 
 def evaluate_sums(group: WorkerGroup, method: str, rows: list[dict], pad_id: int, micro: int) -> dict[str, float]:

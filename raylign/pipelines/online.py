@@ -28,14 +28,12 @@ import torch
 from rich.console import Console
 
 from raylign.algorithms.advantages import compute_advantages
-from raylign.algorithms.diversity import distinct_n
+from raylign.algorithms.diversity import distinct_n, pearson
 from raylign.algorithms.kl import AdaptiveKLController, FixedKLController
 from raylign.algorithms.policy import rl_units
 from raylign.config import ConfigError, RolloutConfig, RunConfig
 from raylign.data.batches import combine_ranks, summarize_critic, summarize_policy
-from raylign.evaluation.metrics import reward_length_correlation
-from raylign.pipelines.loop import Algorithm, LearnerSlot, OnStep, PhaseTimer, run_loop
-from raylign.pipelines.offline import step_indices
+from raylign.pipelines.loop import Algorithm, LearnerSlot, OnStep, PhaseTimer, run_loop, step_indices
 from raylign.rundir import CRITIC_DIR, PENDING_ROLLOUTS, PENDING_ROLLOUTS_META, RunDir, RunResult
 from raylign.runtime import Purpose, derive_seed, rng
 from raylign.workers.group import WorkerGroup, shard_batch
@@ -441,7 +439,7 @@ class OnlineRL(Algorithm):
                    "eval/response_length": float(mask.sum(-1).mean())}
         metrics.update({f"eval/reward/{k}": float(v.mean()) for k, v in scores["components"].items()})
         metrics.update({f"eval/distinct_{n}": distinct_n(out["response_ids"], n) for n in (1, 2)})
-        corr = reward_length_correlation(scores["total"], mask.sum(-1))["pearson"]
+        corr = pearson(scores["total"].tolist(), mask.sum(-1).tolist())
         if corr is not None:
             metrics["eval/reward_length_corr"] = corr
         return metrics, {"prompts": repeated, "texts": out["texts"], "scores": scores["total"]}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from raylign.pipelines.offline import step_indices
+from raylign.pipelines.loop import step_indices
 from raylign.workers.learner import micro_batches
 
 

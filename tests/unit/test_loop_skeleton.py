@@ -58,7 +58,7 @@ class Counting(Algorithm):
 
     def step(self, step, timer: PhaseTimer):
         if step == self.fail_at:
-            raise ValueError("boom at step %d" % step)
+            raise ValueError(f"boom at step {step}")
         with timer.phase("train"):
             pass
         return {"train/loss": 1.0 / (step + 1)}

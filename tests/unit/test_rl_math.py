@@ -358,3 +358,13 @@ def test_entropy_from_logits():
     torch.testing.assert_close(
         entropy_from_logits(torch.tensor([[1000.0, 1000.0, -math.inf]])), torch.tensor([math.log(2)])
     )
+
+
+def test_pearson_matches_scipy_and_is_none_when_constant():
+    from scipy import stats
+
+    from raylign.algorithms.diversity import pearson
+
+    x, y = [1.0, 2.0, 4.0, 7.0], [2.0, 1.0, 5.0, 9.0]
+    assert pearson(x, y) == pytest.approx(stats.pearsonr(x, y)[0], abs=1e-12)
+    assert pearson([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]) is None and pearson([1.0, 2.0], [2.0, 1.0]) is None
