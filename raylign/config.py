@@ -28,6 +28,15 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+SectionT = typing.TypeVar("SectionT", bound=BaseModel)
+
+
+def as_section(cls: type[SectionT], value: SectionT | dict[str, Any]) -> SectionT:
+    """A section as its model. Configs cross actor boundaries as the models themselves (validated once,
+    at load); a plain mapping (a caller's shorthand, e.g. in a test) is validated here."""
+    return value if isinstance(value, cls) else cls.model_validate(value)
+
+
 # --------------------------------------------------------------------------------------------------
 # Sections
 # --------------------------------------------------------------------------------------------------
@@ -272,7 +281,16 @@ class OutputConfig(Section):
     name: str | None = Field(None, description="default: <recipe>-<timestamp>")
     save_every: int = Field(0, ge=0, description="checkpoint every k steps; 0 = only final")
     keep_last: int = Field(2, ge=1)
-    tensorboard: bool = True
+    trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=lambda: ["tensorboard"], description="metric sinks besides metrics.jsonl: tensorboard "
+        "(<run>/tb/), wandb (<run>/wandb/), mlflow (<run>/mlruns/ or mlflow_tracking_uri); [] = none")
+    wandb_project: str = Field("raylign", description="W&B project of the run")
+    wandb_mode: Literal["offline", "online", "disabled"] = Field(
+        "offline", description="offline: no account or network, `wandb sync <run>/wandb/offline-run-*` uploads "
+        "later; online: streams to W&B (needs `wandb login` or WANDB_API_KEY)")
+    mlflow_tracking_uri: str | None = Field(
+        None, description="MLflow store or server (http://host:5000, sqlite:///mlflow.db); None = <run>/mlruns/")
+    mlflow_experiment: str = Field("raylign", description="MLflow experiment the run is logged under")
     samples_per_step: int = Field(4, ge=0)
     overwrite: bool = False
 
@@ -461,8 +479,14 @@ def _format_error(loc: tuple[Any, ...], err: dict[str, Any], several: bool) -> s
     if parent is not None and str(loc[-1]) in parent.model_fields:
         expected = f"expected {_type_name(parent.model_fields[str(loc[-1])].annotation)}"
     got = f"got {err['input']!r} ({type(err['input']).__name__})" if "input" in err else ""
-    if err["type"] == "literal_error" and isinstance(err.get("input"), str) and parent is not None:
-        choices = [str(a) for a in _literal_values(parent.model_fields[str(loc[-1])].annotation)]
+    # A list item (`output.trackers.0`) is checked against its list field's Literal.
+    field_loc = loc[:-1] if loc and isinstance(loc[-1], int) else loc
+    owner = _model_at(field_loc[:-1]) if field_loc else None
+    if err["type"] == "literal_error" and isinstance(err.get("input"), str) and owner is not None \
+            and str(field_loc[-1]) in owner.model_fields:
+        choices = [str(a) for a in _literal_values(owner.model_fields[str(field_loc[-1])].annotation)]
+        if field_loc is not loc:
+            expected = "expected one of " + ", ".join(repr(c) for c in choices)
         close = difflib.get_close_matches(err["input"], choices, n=1)
         if close:
             got += f". Did you mean '{close[0]}'?"

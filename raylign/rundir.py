@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from raylign.config import ConfigError, RunConfig, dump_config
+from raylign.trackers import TENSORBOARD_DIR as TENSORBOARD_DIR  # noqa: F401 - one name table for the run dir
+from raylign.trackers import Tracker, build_trackers, close_trackers
 
 # The run directory.
 CONFIG_FILE = "config.yaml"  # the resolved config
 METRICS_FILE = "metrics.jsonl"  # one JSON row per logged step
 SAMPLES_FILE = "samples.jsonl"  # generations as training goes
-TENSORBOARD_DIR = "tb"
 CHECKPOINTS_DIR = "checkpoints"
 CHECKPOINT_PREFIX = "step_"  # checkpoints/step_<n>/
 FINAL_DIR = "final"  # loadable by transformers and `raylign serve`
@@ -88,26 +89,47 @@ class RunDir:
         (self.path / CONFIG_FILE).write_text(dump_config(config))
         self._metrics = open(self.path / METRICS_FILE, "a", encoding="utf-8")
         self._samples = open(self.path / SAMPLES_FILE, "a", encoding="utf-8")
-        self._tb = None
-        if config.output.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(log_dir=str(self.path / TENSORBOARD_DIR))
+        try:  # output.trackers: TensorBoard (tb/), W&B (wandb/), MLflow (mlruns/ or a server)
+            self._trackers: list[Tracker] = build_trackers(config, self.path, name)
+            resolved = config.model_dump(mode="json")
+            for tracker in self._trackers:
+                tracker.log_params(resolved)
+        except BaseException:
+            self._metrics.close()
+            self._samples.close()
+            if hasattr(self, "_trackers"):
+                self.close_trackers()
+            raise
 
     @property
     def final(self) -> Path:
         return self.path / FINAL_DIR
 
+    def log_final_model(self) -> None:
+        """Log `final/` as a model artifact to every tracker that keeps artifacts (W&B: artifact
+        `<run name>-final`; MLflow: artifact dir `final/`; TensorBoard keeps none).
+
+        The driver loop calls this once, right after the learners have written `final/` (and after any
+        extra file it puts there, such as the discriminator), before `close()`. Without a `final/`
+        directory (a run that failed before saving) it does nothing.
+        """
+        if not self.final.is_dir():
+            return
+        for tracker in self._trackers:
+            if tracker.stores_artifacts:
+                tracker.log_artifact(self.final, FINAL_DIR)
+
     def log_metrics(self, step: int, metrics: dict[str, Any]) -> None:
+        values = {k: _jsonable(v) for k, v in metrics.items()}
         row = {"step": step, "time": round(time.time(), 3)}
-        row.update({k: _jsonable(v) for k, v in metrics.items()})
-        self._metrics.write(json.dumps(row) + "\n")
+        row.update(values)
+        self._metrics.write(json.dumps(row) + "\n")  # the source of truth, written before any tracker
         self._metrics.flush()
-        if self._tb is not None:
-            for key, value in metrics.items():
-                value = _jsonable(value)
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self._tb.add_scalar(key, value, step)
+        # Trackers get the numbers only: NaN/inf (null in metrics.jsonl), bools and strings are skipped.
+        scalars = {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if scalars:
+            for tracker in self._trackers:
+                tracker.log_metrics(step, scalars)
 
     def log_samples(self, step: int, samples: list[dict[str, Any]]) -> None:
         for sample in samples:
@@ -159,10 +181,16 @@ class RunDir:
             setattr(self, fh_name, open(path, "a", encoding="utf-8"))
 
     def close(self) -> None:
-        self._metrics.close()
-        self._samples.close()
-        if self._tb is not None:
-            self._tb.close()
+        try:
+            self._metrics.close()
+            self._samples.close()
+        finally:
+            self.close_trackers()
+
+    def close_trackers(self) -> None:
+        """Close every tracker once, each in its own try/finally (a failing one does not skip the rest)."""
+        trackers, self._trackers = self._trackers, []
+        close_trackers(trackers)
 
 
 def read_metrics(run_path: str | Path) -> list[dict[str, Any]]:

@@ -16,7 +16,8 @@ from typing import Any
 import yaml
 from rich.console import Console
 
-from raylign.config import ConfigError, RunConfig
+from raylign.config import ConfigError, OutputConfig, RunConfig
+from raylign.trackers import MLFLOW_DIR, mlflow_tracking_uri, require_libraries
 from raylign.tuning.spec import TuneSpec, validate_trial_keys
 from raylign.tuning.trainable import raylign_trainable
 
@@ -71,6 +72,50 @@ def make_search_alg(spec: TuneSpec, max_concurrent: int) -> Any:
     return BasicVariantGenerator(random_state=spec.search_seed, max_concurrent=max_concurrent)
 
 
+def _wandb_callback(mode: str, **kwargs: Any) -> Any:
+    """Tune's WandbLoggerCallback; in offline/disabled mode its setup does not ask for an API key (Ray
+    skips that check only when $WANDB_MODE says offline, and here the mode comes from the recipe)."""
+    import os
+
+    from ray.air.integrations.wandb import WandbLoggerCallback
+
+    class RecipeModeWandbLoggerCallback(WandbLoggerCallback):
+        def setup(self, *args: Any, **kw: Any) -> None:
+            if mode == "online" or "WANDB_MODE" in os.environ:
+                return super().setup(*args, **kw)
+            os.environ["WANDB_MODE"] = mode
+            try:
+                return super().setup(*args, **kw)
+            finally:
+                os.environ.pop("WANDB_MODE", None)
+
+    return RecipeModeWandbLoggerCallback(mode=mode, **kwargs)
+
+
+def sweep_callbacks(output: OutputConfig, sweep_name: str, sweep_dir: Path) -> list[Any]:
+    """Sweep-level logging to the sinks the trials' recipe lists in `output.trackers`, through Tune's own
+    callbacks: one W&B / MLflow run per trial with what it reports to Tune (objective, eval metrics) and
+    its sampled hyperparameters, grouped under the sweep (W&B group / MLflow tag `raylign.sweep`; local
+    files in `<sweep dir>/wandb/` and `<sweep dir>/mlruns/` unless a tracking URI is given). Each
+    trial's run dir (`trial_<id>/run/`) still logs its every step to the same sinks through `RunDir`.
+    TensorBoard needs no callback: Tune's default TBXLoggerCallback writes into every trial dir."""
+    names = [n for n in dict.fromkeys(output.trackers) if n != "tensorboard"]
+    require_libraries(names)
+    callbacks: list[Any] = []
+    if "wandb" in names and output.wandb_mode != "disabled":
+        # dir: every trial's W&B files in <sweep dir>/wandb/ (the default, the trial's local staging dir,
+        # can miss Tune's last sync to the sweep dir: the last trial's offline run stayed in /tmp/ray).
+        callbacks.append(_wandb_callback(output.wandb_mode, project=output.wandb_project, group=sweep_name,
+                                         dir=str(sweep_dir)))
+    if "mlflow" in names:
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+        uri = mlflow_tracking_uri(output.mlflow_tracking_uri, Path(sweep_dir) / MLFLOW_DIR)
+        callbacks.append(MLflowLoggerCallback(tracking_uri=uri, experiment_name=output.mlflow_experiment,
+                                              tags={"raylign.sweep": sweep_name}))
+    return callbacks
+
+
 def connect(ray_address: str | None, dashboard: bool) -> str | None:
     """Attach to Ray (the given address, $RAY_ADDRESS, or a new local instance with its dashboard);
     returns the dashboard URL when there is one."""
@@ -108,6 +153,7 @@ def run_tune(spec: TuneSpec, console: Console | None = None, restart: bool = Fal
     if restart and sweep_dir.exists():
         shutil.rmtree(sweep_dir)
     resuming = sweep_dir.exists() and tune.Tuner.can_restore(str(sweep_dir))
+    callbacks = sweep_callbacks(base.output, sweep_dir.name, sweep_dir)  # a missing tracker library fails here
     url = connect(ray_address or base.resources.ray_address, dashboard)
     import ray
 
@@ -141,7 +187,7 @@ def run_tune(spec: TuneSpec, console: Console | None = None, restart: bool = Fal
                 trial_dirname_creator=lambda t: f"trial_{t.trial_id}",
             ),
             run_config=tune.RunConfig(
-                name=spec.name, storage_path=str(sweep_dir.parent), verbose=1,
+                name=spec.name, storage_path=str(sweep_dir.parent), verbose=1, callbacks=callbacks or None,
                 # PBT exploits other trials' checkpoints: keep a few; otherwise the last one is enough.
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=4 if spec.scheduler.type == "pbt" else 1),
             ),

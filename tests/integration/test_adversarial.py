@@ -26,7 +26,7 @@ TINY = ["model.path=tiny:llama", "model.lora=null", "rollout.max_new_tokens=16",
         "rollout.n_samples=4", "train.batch_size=32", "train.micro_batch_size=32", "train.lr=3e-3",
         "train.eval_every=0", "rl.eval_prompts=0", "resources.cpus_per_learner=0.5",
         "resources.cpus_per_rollout_worker=0.5", "resources.cpus_per_reward_worker=0.25", "progress=false",
-        "output.tensorboard=false", "output.save_every=0", "adversarial.discriminator=tiny:llama",
+        "output.trackers=[]", "output.save_every=0", "adversarial.discriminator=tiny:llama",
         "adversarial.lr=1e-3", "adversarial.label_smoothing=0"]
 
 

@@ -80,7 +80,7 @@ def test_report_on_a_finished_tiny_run_writes_plots(tmp_path, capsys):
     from raylign.config import load_config
     from raylign.rundir import RunDir
 
-    cfg = load_config("grpo", [f"output.dir={tmp_path}", "output.name=run", "output.tensorboard=false"])
+    cfg = load_config("grpo", [f"output.dir={tmp_path}", "output.name=run", "output.trackers=[]"])
     run = RunDir(cfg)
     for step in range(1, 6):  # the keys the online/adversarial loops log
         run.log_metrics(step, {"reward/mean": 0.1 * step, "reward/lexicon:vader": 0.2 * step, "reward/length": -step,

@@ -21,7 +21,7 @@ TINY_GRPO = ["model.path=tiny:llama", "model.lora=null", REWARD, "rollout.max_ne
              "rollout.prompts_per_step=4", "rollout.n_samples=2", "train.batch_size=8", "train.micro_batch_size=8",
              "train.lr=1e-2", "train.eval_every=1", "rl.eval_prompts=4", "train.max_steps=2", "output.save_every=1",
              "resources.cpus_per_learner=0.5", "resources.cpus_per_rollout_worker=0.5",
-             "resources.cpus_per_reward_worker=0.25", "progress=false", "output.tensorboard=false"]
+             "resources.cpus_per_reward_worker=0.25", "progress=false", "output.trackers=[]"]
 
 
 def test_curves_across_a_grpo_runs_checkpoints_and_light_eval_every_step(tmp_path, ray_session, capsys):

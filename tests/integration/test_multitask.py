@@ -46,7 +46,7 @@ def multitask_overrides(files: dict[str, str], imitation: str = "cheerful") -> l
     """The multitask recipe on tiny:llama with the synthetic files (shared with the tune tests)."""
     return [
         "model.path=tiny:llama", "model.lora=null", "resources.cpus_per_learner=0.5", "progress=false",
-        "output.tensorboard=false", "train.lr=2e-3", "train.warmup_steps=0", "train.scheduler=constant",
+        "output.trackers=[]", "train.lr=2e-3", "train.warmup_steps=0", "train.scheduler=constant",
         "train.batch_size=24", "train.micro_batch_size=8",
         f"multitask.tasks.imitation.data.train={files[imitation]}", "multitask.tasks.imitation.data.kind=text",
         f"multitask.tasks.preference.data.train={files['pairs']}",

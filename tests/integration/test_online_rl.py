@@ -27,7 +27,7 @@ TINY = ["model.path=tiny:llama", "model.lora=null", REWARD, "rollout.max_new_tok
         "rollout.prompts_per_step=8", "rollout.n_samples=4", "train.batch_size=32", "train.micro_batch_size=32",
         "train.lr=3e-3", "train.eval_every=0", "rl.eval_prompts=16", "resources.cpus_per_learner=0.5",
         "resources.cpus_per_rollout_worker=0.5", "resources.cpus_per_reward_worker=0.25", "progress=false",
-        "output.tensorboard=false"]
+        "output.trackers=[]"]
 SHAPES = {  # PPO: one completion per prompt, 2 epochs x 2 minibatches; REINFORCE++: pairs
     "ppo": ["rollout.n_samples=1", "rollout.prompts_per_step=32", "train.batch_size=16",
             "train.micro_batch_size=16"],

@@ -14,7 +14,7 @@ from raylign.rundir import read_metrics
 pytestmark = pytest.mark.usefixtures("ray_session")
 
 COMMON = ["model.path=tiny:llama", "model.lora=null", "resources.cpus_per_learner=0.5", "progress=false",
-          "output.tensorboard=false", "train.batch_size=16", "train.micro_batch_size=8", "train.warmup_steps=0",
+          "output.trackers=[]", "train.batch_size=16", "train.micro_batch_size=8", "train.warmup_steps=0",
           "train.scheduler=constant", "data.val_fraction=0.2"]
 
 

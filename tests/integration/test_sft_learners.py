@@ -22,7 +22,7 @@ from raylign.workers.objectives import count_units
 pytestmark = pytest.mark.usefixtures("ray_session")
 
 TINY = ["model.path=tiny:llama", "model.lora=null", "resources.cpus_per_learner=0.5", "progress=false",
-        "output.tensorboard=false"]
+        "output.trackers=[]"]
 
 
 def _sft_config(tmp_path, pairs_file, *extra):
