@@ -5,7 +5,7 @@ VENV ?= .venv
 CONSTRAINTS ?= -c constraints-cpu.txt
 BIN := $(VENV)/bin
 
-.PHONY: install quickstart test test-slow test-all lint
+.PHONY: install quickstart test-unit test test-slow test-all lint
 
 $(BIN)/raylign: pyproject.toml constraints-cpu.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ install: $(BIN)/raylign
 quickstart: install
 	$(BIN)/raylign quickstart
 
+# tests/unit only, and no Ray: tests that use the ray_session fixture are marked `ray` (tests/conftest.py).
+test-unit: install
+	$(BIN)/python -m pytest tests/unit -m "not slow and not ray" -q
+
 test: install
 	$(BIN)/python -m pytest -m "not slow" -q --durations=15
 
@@ -29,3 +33,4 @@ test-all: install
 
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/mypy

@@ -17,17 +17,23 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 
 METHODS = ("static", "uncertainty", "gradnorm", "pcgrad")
 
 
-def weighted_sum(values: Sequence[torch.Tensor], weights: Sequence[float] | torch.Tensor) -> torch.Tensor:
-    """Static weighting: Σ_i λ_i v_i, for losses (scalars) or gradients (vectors) alike."""
+def weighted_sum(
+    values: Sequence[torch.Tensor], weights: Sequence[float | torch.Tensor] | torch.Tensor
+) -> torch.Tensor:
+    """Static weighting: Σ_i λ_i v_i, for losses (scalars) or gradients (vectors) alike.
+
+    Each λ_i is a float or a one-element tensor."""
     if len(values) != len(weights):
         raise ValueError(f"{len(values)} values but {len(weights)} weights")
-    return sum(float(w) * v for w, v in zip(weights, values, strict=True))
+    # `sum` starts from the int 0 and 0 + tensor is a tensor: a tensor for any non-empty `values`.
+    return cast(torch.Tensor, sum(float(w) * v for w, v in zip(weights, values, strict=True)))
 
 
 def uncertainty_loss(losses: torch.Tensor, log_vars: torch.Tensor) -> torch.Tensor:
@@ -199,12 +205,16 @@ class TaskWeighting:
         `None` for their gradient."""
         n = len(grads)
         active_t = torch.tensor(list(active) if active is not None else [True] * n)
-        live = [i for i in range(n) if active_t[i] and grads[i] is not None]
+        live: list[int] = []  # the tasks that contribute: active and with a gradient
+        vecs: list[torch.Tensor] = []
+        for i, g in enumerate(grads):
+            if active_t[i] and g is not None:
+                live.append(i)
+                vecs.append(g)
         if not live:
             raise ValueError("no active task this step")
         weights = self.current_weights()
         weights[~active_t] = 0.0
-        vecs = [grads[i] for i in live]
         if self.method == "pcgrad":
             vecs = pcgrad([weights[i] * g for i, g in zip(live, vecs, strict=True)], self.generator)
             combined = torch.stack(vecs).sum(0)

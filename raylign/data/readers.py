@@ -137,7 +137,7 @@ def _array_item_lines(text: str) -> list[int]:
     """Line on which each top-level array element starts (the text is known to be valid JSON)."""
     decoder = json.JSONDecoder()
     pos = text.index("[") + 1
-    lines = []
+    lines: list[int] = []
     while True:
         while pos < len(text) and text[pos] in " \t\r\n,":
             pos += 1

@@ -44,7 +44,8 @@ def _panels(keys: list[str]) -> list[tuple[str, str, list[str], str]]:
 
 
 def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
-    xs, ys = [], []
+    xs: list[float] = []
+    ys: list[float] = []
     for row in rows:
         if _is_number(row.get(key)):
             xs.append(float(row.get("step", len(xs))))
@@ -136,7 +137,7 @@ def write_run_report(run_dir: str | Path) -> dict[str, Any]:
     out.mkdir(exist_ok=True)
     keys = sorted({k for row in rows for k, v in row.items() if _is_number(v)} - {"step", "time"})
     plots, lines = [], []
-    steps = [r.get("step") for r in rows if _is_number(r.get("step"))]
+    steps = [r["step"] for r in rows if _is_number(r.get("step"))]
     lines += [f"# Training report: {run.name}", "",
               f"{len(rows)} logged rows, steps {min(steps, default=0)}–{max(steps, default=0)}. "
               f"Source: `{run / 'metrics.jsonl'}`.", ""]

@@ -33,7 +33,7 @@ _EXPORTS = {
     "apply_lora": "lora",
     "is_peft_model": "lora",
     "merged_copy": "lora",
-    "ModelNotFoundError": "registry",
+    "ModelNotFoundError": "errors",
     "list_models": "registry",
     "pull_model": "registry",
     "resolve_model_path": "registry",
@@ -67,6 +67,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from raylign.models.cache import models_cache_dir, raylign_home
+    from raylign.models.errors import ModelNotFoundError
     from raylign.models.heads import ScalarHeadModel, ScalarHeadOutput
     from raylign.models.hf import enable_gradient_checkpointing
     from raylign.models.loading import (
@@ -81,7 +82,7 @@ if TYPE_CHECKING:
         supports_sequence_classification,
     )
     from raylign.models.lora import apply_lora, is_peft_model, merged_copy
-    from raylign.models.registry import ModelNotFoundError, list_models, pull_model, resolve_model_path
+    from raylign.models.registry import list_models, pull_model, resolve_model_path
     from raylign.models.saving import save_model
 
 

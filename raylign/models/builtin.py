@@ -26,11 +26,12 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from raylign.models.errors import ModelNotFoundError
 from raylign.models.hf import dtype_kwargs
-from raylign.models.registry import ModelNotFoundError
 from raylign.models.tiny import CHATML_TEMPLATE
 
 log = logging.getLogger(__name__)
@@ -176,9 +177,12 @@ def drop_quantization_state(model: PreTrainedModel) -> None:
     Left in place, `quantization_config` would be written to config.json and make every later load
     look for a GGUF file, and the quantizer would block saving and training.
     """
-    model.hf_quantizer = None
-    model.is_quantized = False
-    model.quantization_method = None
+    # Attributes the GGUF load sets on the instance; PreTrainedModel declares none of them, and
+    # torch types `Module.__setattr__` as taking only tensors and modules.
+    loaded: Any = model
+    loaded.hf_quantizer = None
+    loaded.is_quantized = False
+    loaded.quantization_method = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModel
 
-from raylign.models.hf import DTypeLike, dtype_kwargs, enable_gradient_checkpointing
+from raylign.models.hf import DTypeLike, as_hf, dtype_kwargs, enable_gradient_checkpointing
 from raylign.models.lora import merged_copy
 
 HEAD_WEIGHTS = "score_head.safetensors"
@@ -63,7 +63,7 @@ class ScalarHeadModel(nn.Module):
     def __init__(self, backbone: nn.Module):
         super().__init__()
         self.backbone = backbone
-        hidden = backbone.config.get_text_config().hidden_size
+        hidden = as_hf(backbone).config.get_text_config().hidden_size
         dtype = next(backbone.parameters()).dtype
         self.score = nn.Linear(hidden, 1, dtype=dtype)
         nn.init.zeros_(self.score.weight)
@@ -91,7 +91,7 @@ class ScalarHeadModel(nn.Module):
         """Backbone in HF format (LoRA merged in) + the head as safetensors + a small JSON record."""
         out = Path(save_directory)
         out.mkdir(parents=True, exist_ok=True)
-        merged_copy(self.backbone).save_pretrained(out)
+        as_hf(merged_copy(self.backbone)).save_pretrained(out)
         head = {name: t.detach().contiguous().cpu() for name, t in self.score.state_dict().items()}
         save_file(head, str(out / HEAD_WEIGHTS))
         record = {"kind": "scalar_head", "hidden_size": self.score.in_features, "format": 1}

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import transformers
 from packaging.version import Version
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 DTypeLike = str | torch.dtype | None
 
@@ -33,13 +36,24 @@ def dtype_kwargs(dtype: DTypeLike) -> dict[str, Any]:
     return {} if resolved is None else {_DTYPE_KWARG: resolved}
 
 
+def as_hf(model: nn.Module) -> PreTrainedModel:
+    """`model` typed as the transformers model it is, or as the one a peft wrapper forwards to.
+
+    `nn.Module.__getattr__` types every attribute a class does not declare (`config`,
+    `save_pretrained`, `get_input_embeddings`, ...) as `Tensor | Module`. Only a cast: nothing is
+    checked or converted at run time.
+    """
+    return cast("PreTrainedModel", model)
+
+
 def enable_gradient_checkpointing(model: nn.Module) -> None:
     """Recompute activations in backward to save memory; non-reentrant, so LoRA needs no input grads."""
     kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 (old name warns)
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    hf = as_hf(model)
+    if hasattr(hf, "activation_checkpointing_enable"):  # transformers >= 5 (old name warns)
+        hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def cache_argument(model: Any) -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import cast
 
 from torch import nn
 from transformers import (
@@ -32,7 +33,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICA
 
 from raylign.config import ModelConfig
 from raylign.models.heads import ScalarHeadModel, has_scalar_head
-from raylign.models.hf import DTypeLike, dtype_kwargs, enable_gradient_checkpointing
+from raylign.models.hf import DTypeLike, as_hf, dtype_kwargs, enable_gradient_checkpointing
 from raylign.models.lora import apply_lora
 from raylign.models.registry import resolve_model_path
 
@@ -246,10 +247,11 @@ def sync_special_tokens(model: nn.Module, tokenizer: PreTrainedTokenizerBase) ->
     Sequence classifiers find the last real token through `config.pad_token_id`, and `generate`
     pads finished rows with it, so it must match what the tokenizer pads with.
     """
-    embeddings = model.get_input_embeddings()
-    if embeddings is not None and len(tokenizer) > embeddings.num_embeddings:
-        model.resize_token_embeddings(len(tokenizer))
-    model.config.pad_token_id = tokenizer.pad_token_id
+    hf = as_hf(model)
+    embeddings = hf.get_input_embeddings()  # typed nn.Module; an nn.Embedding or one shaped like it
+    if embeddings is not None and len(tokenizer) > cast(int, embeddings.num_embeddings):
+        hf.resize_token_embeddings(len(tokenizer))
+    hf.config.pad_token_id = tokenizer.pad_token_id
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None:
         generation_config.pad_token_id = tokenizer.pad_token_id

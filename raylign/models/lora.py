@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import re
+from typing import TypeGuard
 
 import peft
 from torch import Tensor, nn
@@ -37,7 +38,7 @@ def uses_conv1d(model: nn.Module) -> bool:
     return any(isinstance(module, Conv1D) for module in model.modules())
 
 
-def is_peft_model(model: nn.Module) -> bool:
+def is_peft_model(model: nn.Module) -> TypeGuard[peft.PeftModel]:
     return isinstance(model, peft.PeftModel)
 
 

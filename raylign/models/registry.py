@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from raylign.models.cache import atomic_directory, models_cache_dir, read_marker, write_marker
+from raylign.models.errors import ModelNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +30,6 @@ CACHE_FORMAT = 1
 # Files worth fetching from the Hub: configs, tokenizers, safetensors weights. No pickles (.bin, .pt):
 # raylign loads weights from safetensors only.
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken", "tokenizer*"]
-
-
-class ModelNotFoundError(ValueError):
-    """A model name that resolves to nothing; the message lists names that work offline."""
 
 
 @dataclass(frozen=True)

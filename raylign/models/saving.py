@@ -15,6 +15,7 @@ from transformers import PreTrainedTokenizerBase
 
 from raylign.models.cache import atomic_directory
 from raylign.models.heads import ScalarHeadModel
+from raylign.models.hf import as_hf
 from raylign.models.lora import merged_copy
 
 
@@ -39,7 +40,7 @@ def save_model(
         if isinstance(model, ScalarHeadModel):
             model.save_pretrained(work)
         else:
-            (merged_copy(model) if merge_lora else model).save_pretrained(work)
+            as_hf(merged_copy(model) if merge_lora else model).save_pretrained(work)
         if tokenizer is not None:
             tokenizer.save_pretrained(work)
     return out

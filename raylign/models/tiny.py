@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypedDict
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -105,7 +106,23 @@ def tokenizer_as_loaded(tokenizer, config: PretrainedConfig, out_dir: Path) -> P
     return loaded
 
 
-def _special_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
+class SpecialIds(TypedDict):
+    """The tokenizer's special-token ids, as config and generation-config keywords."""
+
+    bos_token_id: int | None
+    eos_token_id: int | None
+    pad_token_id: int | None
+
+
+class _DecoderSizes(TypedDict):
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+
+
+def _special_ids(tokenizer: PreTrainedTokenizerBase) -> SpecialIds:
     return {
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
@@ -114,23 +131,23 @@ def _special_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
 
 
 # Sizes shared by the Llama-style tiny decoders: grouped-query attention, 4 query and 2 kv heads.
-_DECODER_SIZES = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                  "num_attention_heads": 4, "num_key_value_heads": 2}
+_DECODER_SIZES: _DecoderSizes = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                                 "num_attention_heads": 4, "num_key_value_heads": 2}
 
 
-def _llama_config(vocab_size: int, ids: dict[str, int]) -> PretrainedConfig:
+def _llama_config(vocab_size: int, ids: SpecialIds) -> PretrainedConfig:
     """Llama with grouped-query attention and untied embeddings."""
     return LlamaConfig(vocab_size=vocab_size, max_position_embeddings=MAX_POSITIONS,
                        tie_word_embeddings=False, **_DECODER_SIZES, **ids)
 
 
-def _qwen2_config(vocab_size: int, ids: dict[str, int]) -> PretrainedConfig:
+def _qwen2_config(vocab_size: int, ids: SpecialIds) -> PretrainedConfig:
     """Qwen2 (q/k/v biases) with tied embeddings, the other common layout of small chat models."""
     return Qwen2Config(vocab_size=vocab_size, max_position_embeddings=MAX_POSITIONS,
                        tie_word_embeddings=True, **_DECODER_SIZES, **ids)
 
 
-def _gpt2_config(vocab_size: int, ids: dict[str, int]) -> PretrainedConfig:
+def _gpt2_config(vocab_size: int, ids: SpecialIds) -> PretrainedConfig:
     """GPT-2: learned absolute positions and Conv1D layers, which LoRA and merging treat specially."""
     return GPT2Config(
         vocab_size=vocab_size,
@@ -143,7 +160,7 @@ def _gpt2_config(vocab_size: int, ids: dict[str, int]) -> PretrainedConfig:
 
 
 # The registry (raylign.models.registry) names and describes these; keep the two in step.
-TINY_ARCHS: dict[str, Callable[[int, dict[str, int]], PretrainedConfig]] = {
+TINY_ARCHS: dict[str, Callable[[int, SpecialIds], PretrainedConfig]] = {
     "llama": _llama_config,
     "qwen2": _qwen2_config,
     "gpt2": _gpt2_config,

@@ -28,6 +28,7 @@ from raylign.algorithms.adversarial import (
     generator_reward,
     gradient_penalty,
 )
+from raylign.models.hf import as_hf
 from raylign.rewards.base import check_batch
 from raylign.rewards.model import RewardModelSource
 
@@ -64,7 +65,7 @@ class Discriminator(RewardModelSource):
         ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
         if not penalty:
             return self.model(input_ids=ids, attention_mask=mask).logits[:, 0].float(), None
-        embeds = self.model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        embeds = as_hf(self.model).get_input_embeddings()(ids).detach().requires_grad_(True)
         # R1 differentiates a gradient: the fused attention kernels have no double backward, the math one has.
         with sdpa_kernel(SDPBackend.MATH):
             logits = self.model(inputs_embeds=embeds, attention_mask=mask).logits[:, 0].float()
@@ -135,7 +136,7 @@ class Discriminator(RewardModelSource):
         optimizer state and update count."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(path)
+        as_hf(self.model).save_pretrained(path)
         self.tokenizer.save_pretrained(path)
         torch.save({"optimizer": self.optimizer.state_dict(), "updates": self.updates}, path / OPTIMIZER_FILE)
 

@@ -25,7 +25,7 @@ import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -43,17 +43,21 @@ from raylign.serving.protocol import (
     ChatChoice,
     ChatChunkChoice,
     ChatCompletionChunk,
+    ChatCompletionFields,
     ChatCompletionResponse,
     CompletionChoice,
     CompletionChunk,
     CompletionChunkChoice,
+    CompletionFields,
     CompletionResponse,
     Delta,
     ErrorResponse,
+    FinishReason,
     Health,
     ModelCard,
     ModelList,
     Score,
+    ScoreFields,
     ScoreResponse,
     Usage,
     event_stream_schema,
@@ -76,7 +80,7 @@ class Backend(Protocol):
     async def score(self, prompts: list[Any], completions: list[str]) -> list[float]: ...
 
 
-_ERRORS = {status: {"model": ErrorResponse, "description": text} for status, text in {
+_ERRORS: dict[int | str, dict[str, Any]] = {status: {"model": ErrorResponse, "description": text} for status, text in {
     400: "invalid request", 401: "missing or wrong API key", 404: "unknown model or route",
     408: "request timeout", 413: "request body too large", 500: "internal error"}.items()}
 
@@ -88,8 +92,13 @@ def _streaming(chunk: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
 
 def create_api(settings: ServeSettings, backend: Backend) -> FastAPI:
     """The HTTP app of one served model (see the module docstring for routes and status codes)."""
-    CompletionRequest, ChatCompletionRequest = request_models(settings)
-    ScoreRequest = score_request_model(settings)
+    if TYPE_CHECKING:  # classes made for this server's limits, typed as the classes they extend
+        CompletionRequest: TypeAlias = CompletionFields
+        ChatCompletionRequest: TypeAlias = ChatCompletionFields
+        ScoreRequest: TypeAlias = ScoreFields
+    else:  # FastAPI reads the route's annotation at run time: it must be the class with the limits
+        CompletionRequest, ChatCompletionRequest = request_models(settings)
+        ScoreRequest = score_request_model(settings)
     api_key = settings.resolved_api_key()
     engine = backend.engine
     created = int(time.time())
@@ -102,7 +111,8 @@ def create_api(settings: ServeSettings, backend: Backend) -> FastAPI:
     bearer = HTTPBearer(auto_error=False, description="the server's API key")
 
     async def authorize(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
-        if credentials is None or not hmac.compare_digest(credentials.credentials.encode(), api_key.encode()):
+        if (credentials is None or api_key is None
+                or not hmac.compare_digest(credentials.credentials.encode(), api_key.encode())):
             raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
                            type="authentication_error", code="invalid_api_key")
 
@@ -217,7 +227,7 @@ def _publish_chunk_schemas(app: FastAPI) -> None:
             app.openapi_schema = schema
         return app.openapi_schema
 
-    app.openapi = openapi
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to customise the schema
 
 
 # ---- replies ---------------------------------------------------------------------------------------
@@ -254,8 +264,8 @@ class Reply:
         return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=completion,
                      total_tokens=self.prompt_tokens + completion)
 
-    def choices(self) -> list[tuple[str, str]]:
-        return list(zip(self.texts, self.finish, strict=True))
+    def choices(self) -> list[tuple[str, FinishReason]]:
+        return [(text, _reply_reason(finish)) for text, finish in zip(self.texts, self.finish, strict=True)]
 
     async def updates(self, stream: AsyncIterator[list[RowUpdate]], job: Job, timeout_s: float
                       ) -> AsyncIterator[RowUpdate]:
@@ -291,7 +301,7 @@ class Reply:
                 if update.text:
                     yield self._event(update.row, update.text, None)
                 if update.finish_reason is not None:
-                    yield self._event(update.row, "", update.finish_reason)
+                    yield self._event(update.row, "", _reply_reason(update.finish_reason))
         except ApiError as exc:
             yield f"data: {json.dumps(exc.body())}\n\n"
             return
@@ -303,14 +313,14 @@ class Reply:
             yield self._usage_event()
         yield "data: [DONE]\n\n"
 
-    def _data(self, chunk: BaseModel) -> str:
+    def _data(self, chunk: ChatCompletionChunk | CompletionChunk) -> str:
         return f"data: {json.dumps(chunk.model_dump(exclude={'usage'} if chunk.usage is None else None))}\n\n"
 
     def _usage_event(self) -> str:
         kind = ChatCompletionChunk if self.chat else CompletionChunk
         return self._data(kind(id=self.id, created=self.created, model=self.model, choices=[], usage=self.usage()))
 
-    def _event(self, row: int, text: str, finish: str | None, role: bool = False) -> str:
+    def _event(self, row: int, text: str, finish: FinishReason | None, role: bool = False) -> str:
         if self.chat:
             delta = Delta(role="assistant", content="") if role else Delta(content=text or None)
             return self._data(ChatCompletionChunk(
@@ -319,6 +329,15 @@ class Reply:
         return self._data(CompletionChunk(
             id=self.id, created=self.created, model=self.model,
             choices=[CompletionChunkChoice(index=row, text=text, finish_reason=finish)]))
+
+
+def _reply_reason(reason: str | None) -> FinishReason:
+    """A finished row's reason, as a reply states it (a cancelled job's rows never reach a reply)."""
+    if reason == "stop":
+        return "stop"
+    if reason == "length":
+        return "length"
+    raise RuntimeError(f"a row that ended with {reason!r} cannot be part of a reply")
 
 
 async def _close(stream: AsyncIterator[Any]) -> None:
@@ -364,7 +383,7 @@ def _add_error_handlers(app: FastAPI, known_params: list[str]) -> None:
 
 def validation_error(errors: Sequence[dict[str, Any]], known_params: Sequence[str] = ()) -> ApiError:
     """pydantic/FastAPI validation errors -> one 400 naming the first bad field."""
-    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+    first: dict[str, Any] = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     if first.get("type") == "json_invalid":
         return ApiError(400, f"the request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}",

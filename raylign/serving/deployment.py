@@ -21,7 +21,7 @@ import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import ray
 from ray import serve
@@ -43,6 +43,17 @@ def _rows(jobs: list[Job]) -> int:
 
 def _pairs(batches: list[tuple[list[Any], list[str]]]) -> int:
     return sum(len(completions) for _, completions in batches)
+
+
+# `serve.batch` for a streaming (async generator) method: Serve supports one, but its types have no
+# overload for it, so the decorated method is typed by the one that calls it (`generate`).
+_streaming_batch: Any = serve.batch
+
+
+def _set_batching(handler: Any, max_batch_size: int, wait_s: float) -> None:
+    """Resize a `@serve.batch` handler; ray types the handler as a plain callable, without the setters."""
+    handler.set_max_batch_size(max_batch_size)
+    handler.set_batch_wait_timeout_s(wait_s)
 
 
 @serve.deployment(name=DEPLOYMENT_NAME)
@@ -79,8 +90,7 @@ class RaylignServer:
         self.scoring_thread = ThreadPoolExecutor(1, thread_name_prefix="raylign-score")
         wait_s = self.settings.batch_wait_ms / 1000
         for method in (self._generate_batch, self._score_batch):
-            method.set_max_batch_size(self.settings.max_batch_size)
-            method.set_batch_wait_timeout_s(wait_s)
+            _set_batching(method, self.settings.max_batch_size, wait_s)
         self._log_batch = log_batch(logger)
         logger.info("raylign: serving %s (context %d tokens, max batch %d rows, wait %g ms)", self.settings.name,
                     self.engine.context_length, self.settings.max_batch_size, self.settings.batch_wait_ms)
@@ -98,8 +108,8 @@ class RaylignServer:
         return await self._score_batch((prompts, completions))
 
     # Batches run concurrently: each joins the engine's running batch as soon as there is room.
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, batch_size_fn=_rows,
-                 max_concurrent_batches=CONCURRENT_BATCHES)
+    @_streaming_batch(max_batch_size=32, batch_wait_timeout_s=0.01, batch_size_fn=_rows,
+                      max_concurrent_batches=CONCURRENT_BATCHES)
     async def _generate_batch(self, jobs: list[Job]) -> AsyncIterator[list[Any]]:
         async for out in stream_batch(self.engine, jobs, self._log_batch):
             yield out
@@ -108,6 +118,8 @@ class RaylignServer:
     async def _score_batch(self, batches: list[tuple[list[Any], list[str]]]) -> list[list[float]]:
         prompts = [p for ps, _ in batches for p in ps]
         completions = [c for _, cs in batches for c in cs]
+        if self.scorer is None:  # the API offers /v1/score only with a reward model
+            raise RuntimeError("this deployment has no reward model to score with")
         loop = asyncio.get_running_loop()
         scores = await loop.run_in_executor(self.scoring_thread, self.scorer.score, prompts, completions)
         out, start = [], 0
@@ -137,7 +149,9 @@ def deployment_options(settings: ServeSettings) -> dict[str, Any]:
 def build_app(settings: ServeSettings) -> serve.Application:
     """The Serve application for `settings` (pass it to `serve.run`)."""
     settings = _absolute_paths(settings)
-    return RaylignServer.options(**deployment_options(settings)).bind(settings.model_dump())
+    # `@serve.deployment` made the class a Deployment (mypy types a decorated class as the class).
+    deployment = cast(serve.Deployment, RaylignServer)
+    return deployment.options(**deployment_options(settings)).bind(settings.model_dump())
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:
@@ -150,7 +164,7 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
 
 def _absolute_paths(settings: ServeSettings) -> ServeSettings:
     """Local model paths made absolute, since replicas do not run in the caller's directory."""
-    update = {}
+    update: dict[str, str | None] = {}
     for key in ("model", "reward_model"):
         value = getattr(settings, key)
         if value and Path(value).expanduser().exists():

@@ -22,7 +22,7 @@ def check_before_start(settings: ServeSettings, host: str, port: int, attach: bo
 
     resolve_model_path(settings.model, settings.trust_remote_code)  # ModelNotFoundError names the fix
     if settings.reward_model:
-        check_reward_specs(RewardConfig(sources=[{"source": settings.reward_model}]))
+        check_reward_specs(RewardConfig.model_validate({"sources": [{"source": settings.reward_model}]}))
     if not attach:  # a local Ray: Serve's proxy binds here, so the port must be free now
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         with socket.socket(family, socket.SOCK_STREAM) as sock:

@@ -133,33 +133,51 @@ class _Request(_Strict):
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
 
-def request_models(settings: ServeSettings) -> tuple[type[BaseModel], type[BaseModel]]:
+class CompletionFields(_Request):
+    """The fields of every server's CompletionRequest; `request_models` redeclares prompt, max_tokens
+    and n with the server's limits (a redeclared field keeps its place: the schema's order is this one)."""
+
+    prompt: NonEmpty | list[NonEmpty]
+    max_tokens: int | None = DEFAULT_COMPLETION_TOKENS
+    n: int = 1
+    logprobs: int | None = Field(None, ge=0, le=0, description="not supported")
+    echo: Literal[False] | None = Field(None, description="not supported")
+    suffix: str | None = Field(None, max_length=0, description="not supported")
+
+
+class ChatCompletionFields(_Request):
+    """The fields of every server's ChatCompletionRequest; `request_models` redeclares max_tokens,
+    max_completion_tokens and n with the server's limits."""
+
+    messages: list[ChatMessage] = Field(min_length=1, description="the conversation so far")
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    n: int = 1
+    logprobs: Literal[False] | None = Field(None, description="not supported")
+    top_logprobs: int | None = Field(None, ge=0, le=0, description="not supported")
+    response_format: ResponseFormat | None = Field(None, description="text only")
+    tools: list[dict[str, Any]] | None = Field(None, max_length=0, description="not supported")
+    tool_choice: Literal["none"] | None = Field(None, description="not supported")
+    parallel_tool_calls: bool | None = None
+
+
+def request_models(settings: ServeSettings) -> tuple[type[CompletionFields], type[ChatCompletionFields]]:
     """(CompletionRequest, ChatCompletionRequest) with this server's limits in their schema."""
     max_tokens_desc = f"tokens to generate, 1..{settings.max_tokens_limit}"
 
-    class CompletionRequest(_Request):
+    class CompletionRequest(CompletionFields):
         prompt: NonEmpty | Annotated[list[NonEmpty], Field(min_length=1, max_length=settings.max_prompts)] = Field(
             description=f"a prompt, or a list of up to {settings.max_prompts}")
         max_tokens: int | None = Field(DEFAULT_COMPLETION_TOKENS, ge=1, le=settings.max_tokens_limit,
                                        description=f"{max_tokens_desc}; default {DEFAULT_COMPLETION_TOKENS}")
         n: int = Field(1, ge=1, le=settings.max_n, description="choices per prompt")
-        logprobs: int | None = Field(None, ge=0, le=0, description="not supported")
-        echo: Literal[False] | None = Field(None, description="not supported")
-        suffix: str | None = Field(None, max_length=0, description="not supported")
 
-    class ChatCompletionRequest(_Request):
-        messages: list[ChatMessage] = Field(min_length=1, description="the conversation so far")
+    class ChatCompletionRequest(ChatCompletionFields):
         max_tokens: int | None = Field(None, ge=1, le=settings.max_tokens_limit,
                                        description=f"{max_tokens_desc}; default {settings.default_max_tokens}")
         max_completion_tokens: int | None = Field(None, ge=1, le=settings.max_tokens_limit,
                                                   description="the newer name of max_tokens; wins if both are given")
         n: int = Field(1, ge=1, le=settings.max_n, description="choices")
-        logprobs: Literal[False] | None = Field(None, description="not supported")
-        top_logprobs: int | None = Field(None, ge=0, le=0, description="not supported")
-        response_format: ResponseFormat | None = Field(None, description="text only")
-        tools: list[dict[str, Any]] | None = Field(None, max_length=0, description="not supported")
-        tool_choice: Literal["none"] | None = Field(None, description="not supported")
-        parallel_tool_calls: bool | None = None
 
     return CompletionRequest, ChatCompletionRequest
 
@@ -279,10 +297,17 @@ class ScorePair(BaseModel):
     completion: str
 
 
-def score_request_model(settings: ServeSettings) -> type[BaseModel]:
+class ScoreFields(_Strict):
+    """The fields of every server's ScoreRequest; `score_request_model` redeclares them with its limit."""
+
+    model: str | None = None
+    pairs: list[ScorePair]
+
+
+def score_request_model(settings: ServeSettings) -> type[ScoreFields]:
     limit = settings.max_batch_size  # one request fits one scoring batch
 
-    class ScoreRequest(_Strict):
+    class ScoreRequest(ScoreFields):
         model: str | None = Field(None, description="the reward model's name (GET /v1/models); default: it")
         pairs: list[ScorePair] = Field(min_length=1, max_length=limit,
                                        description=f"(prompt, completion) pairs to score, at most {limit}")

@@ -66,7 +66,8 @@ class ServeSettings(BaseModel):
         self.default_max_tokens = min(self.default_max_tokens, self.max_tokens_limit)
         if (self.min_replicas is None) != (self.max_replicas is None):
             raise ValueError("give both min_replicas and max_replicas for autoscaling, or neither")
-        if self.min_replicas is not None and self.max_replicas < max(self.min_replicas, 1):
+        if (self.min_replicas is not None and self.max_replicas is not None
+                and self.max_replicas < max(self.min_replicas, 1)):
             raise ValueError("max_replicas must be >= min_replicas and >= 1")
         if self.max_ongoing_requests is not None and self.max_ongoing_requests < self.max_batch_size:
             raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) must be at least "

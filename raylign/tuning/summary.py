@@ -76,9 +76,12 @@ def load_summary(sweep_dir: str | Path, metric: str | None = None) -> SweepSumma
     frames = analysis.trial_dataframes
     rows = []
     for trial in analysis.trials:
+        trial_path = trial.path  # None only for a trial without storage; ones read back from disk have it
+        if trial_path is None:
+            raise ConfigError(f"trial {trial.trial_id} in {path} has no directory")
         df = frames.get(trial.trial_id)
         if df is None:
-            df = frames.get(trial.path)
+            df = frames.get(trial_path)
         history: list[tuple[int, float]] = []
         if df is not None and metric in df.columns:
             for it, value in zip(df["training_iteration"], df[metric], strict=True):
@@ -89,13 +92,13 @@ def load_summary(sweep_dir: str | Path, metric: str | None = None) -> SweepSumma
         values = [v for _, v in history]
         best = (max(values) if mode == "max" else min(values)) if values else None
         # A servable model: the run's final/ or, for a trial stopped early, its last checkpoint's model/.
-        final = Path(trial.path) / RUN_SUBDIR / "final"
+        final = Path(trial_path) / RUN_SUBDIR / "final"
         ckpt = str(final) if final.is_dir() else None
         if ckpt is None and trial.checkpoint is not None:
             model_dir = Path(trial.checkpoint.path) / "model"
             ckpt = str(model_dir) if model_dir.is_dir() else trial.checkpoint.path
         rows.append(TrialRow(trial.trial_id, {k: trial.config.get(k) for k in params}, trial.status, iterations,
-                             values[-1] if values else None, best, history, trial.path, ckpt))
+                             values[-1] if values else None, best, history, trial_path, ckpt))
     sign = -1.0 if mode == "max" else 1.0
     rows.sort(key=lambda r: (r.last is None, sign * (r.last if r.last is not None else 0.0)))
     return SweepSummary(path, metric, mode, params, int(spec["iterations"]), rows)
