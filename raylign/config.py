@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import ErrorDetails
 
 
 class ConfigError(ValueError):
@@ -213,7 +214,8 @@ class TaskConfig(Section):
     @classmethod
     def _default_kind(cls, data: Any) -> Any:
         if isinstance(data, dict) and isinstance(data.get("data"), dict) and "kind" not in data["data"]:
-            kind = {"imitation": "text", "preference": "pairs", "rating": "ratings"}.get(data.get("type"))
+            kinds: dict[Any, str] = {"imitation": "text", "preference": "pairs", "rating": "ratings"}
+            kind = kinds.get(data.get("type"))
             if kind:
                 data = {**data, "data": {**data["data"], "kind": kind}}
         return data
@@ -234,7 +236,9 @@ class TaskConfig(Section):
         """('accuracy', '>=', 0.8) for gate 'accuracy >= 0.8'."""
         if self.gate is None:
             return None
-        metric, op, value = _GATE.match(self.gate).groups()
+        match = _GATE.match(self.gate)
+        assert match is not None, "the gate was checked against _GATE at validation"
+        metric, op, value = match.groups()
         return metric, op, float(value)
 
 
@@ -274,6 +278,10 @@ class ResourcesConfig(Section):
         "groups take turns, so on one small machine each may use every core")
 
 
+def _default_trackers() -> list[Literal["tensorboard", "wandb", "mlflow"]]:
+    return ["tensorboard"]
+
+
 class OutputConfig(Section):
     """The run directory `<dir>/<name>/`."""
 
@@ -282,7 +290,7 @@ class OutputConfig(Section):
     save_every: int = Field(0, ge=0, description="checkpoint every k steps; 0 = only final")
     keep_last: int = Field(2, ge=1)
     trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
-        default_factory=lambda: ["tensorboard"], description="metric sinks besides metrics.jsonl: tensorboard "
+        default_factory=_default_trackers, description="metric sinks besides metrics.jsonl: tensorboard "
         "(<run>/tb/), wandb (<run>/wandb/), mlflow (<run>/mlruns/ or mlflow_tracking_uri); [] = none")
     wandb_project: str = Field("raylign", description="W&B project of the run")
     wandb_mode: Literal["offline", "online", "disabled"] = Field(
@@ -460,7 +468,7 @@ def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
     return tuple(p for i, p in enumerate(loc) if isinstance(p, int) or _model_at(loc[:i]) is not None)
 
 
-def _format_error(loc: tuple[Any, ...], err: dict[str, Any], several: bool) -> str:
+def _format_error(loc: tuple[Any, ...], err: ErrorDetails, several: bool) -> str:
     dotted = ".".join(str(p) for p in loc)
     if err["type"] == "extra_forbidden":
         moved = MOVED_KEYS.get(".".join(str(p) for p in loc if not isinstance(p, int)))
@@ -503,7 +511,7 @@ def validate_config(data: dict[str, Any], source: str = "config") -> RunConfig:
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:
-        by_loc: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+        by_loc: dict[tuple[Any, ...], list[ErrorDetails]] = {}
         for e in exc.errors():
             by_loc.setdefault(_clean_loc(tuple(e["loc"])), []).append(e)
         lines = [_format_error(loc, errs[0], len(errs) > 1) for loc, errs in by_loc.items()]
@@ -527,3 +535,16 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> RunCon
 def dump_config(config: RunConfig) -> str:
     """The resolved config as YAML (what `config.yaml` in a run directory holds)."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def validate_settings(cls: type[SectionT], values: dict[str, Any],
+                      error: type[ConfigError] = ConfigError) -> SectionT:
+    """A command's settings model (`ServeSettings`, `EvalSettings`, `AnnotateSettings`) from CLI values;
+    a bad value or combination is one `error` naming the field, not a pydantic traceback."""
+    try:
+        return cls.model_validate(values)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        message = str(first["msg"]).removeprefix("Value error, ")
+        raise error(f"{where}: {message}" if where else message) from None

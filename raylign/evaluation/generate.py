@@ -4,10 +4,11 @@
 
 Each `Generator` actor loads the policy once (a `RolloutWorker`, so sampling is the exact KV-cache
 loop training uses) and, when a reference model is given, scores its own samples under the
-reference too (log π_ref of the sampled token ids, for the Monte-Carlo KL). Batch i is sampled with a
-seed derived from (seed, its first row's index), so results depend on the inputs only, not on which
-actor ran them or in which order. Rows come back in prompt order with the actor that produced them,
-so callers can see how the work was spread.
+reference too (log π_ref of the sampled token ids, for the Monte-Carlo KL). A batch is sampled with
+the seed key (seed, Purpose.GENERATE, step 0, its first prompt's index) of `raylign.runtime`'s one
+seeding scheme, so results depend on the inputs only, not on which actor ran them or in which order.
+Rows come back in prompt order with the actor that produced them, so callers can see how the work
+was spread.
 
 `generate_checkpoints_with_ray_data` does the same for several models (a run's checkpoints) in one
 pass: rows carry a model index, each actor loads the models it is sent (keeping the two most recent),
@@ -23,19 +24,23 @@ from typing import Any
 
 import numpy as np
 
+from raylign.config import RolloutConfig
+from raylign.runtime import Purpose
+
 
 class Generator:
     """A Ray Data callable class over rows of one or several models (`model` column = index into
     `models`): a RolloutWorker per model (+ an optional reference LM) per actor.
 
     A batch may straddle two models: its rows are split by model and each part is sampled by that
-    model's RolloutWorker, seeded by (seed, the part's first prompt index), so results depend on the
-    inputs, not on which actor ran them; where batches line up with the models' rows (the prompt count
-    a multiple of the batch size) every model meets the same prompts with the same seeds."""
+    model's RolloutWorker, seeded by (seed, Purpose.GENERATE, step 0, the part's first prompt index), so
+    results depend on the inputs, not on which actor ran them; where batches line up with the models'
+    rows (the prompt count a multiple of the batch size) every model meets the same prompts with the
+    same seeds."""
 
     CACHE = 2  # models kept loaded per actor; rows arrive ordered by model, so reloads are rare
 
-    def __init__(self, models: list[str], sampling: dict[str, Any], seed: int, num_cpus: float,
+    def __init__(self, models: list[str], sampling: RolloutConfig, seed: int, num_cpus: float,
                  reference: str | None = None, apply_chat_template: bool = True):
         self.models = models
         self.num_cpus = num_cpus
@@ -46,7 +51,7 @@ class Generator:
             from raylign.evaluation.scorers import LogLikelihood
 
             self.reference = LogLikelihood(reference, apply_chat_template=apply_chat_template)
-        self.sampling = {**sampling, "n_samples": 1}
+        self.sampling = sampling.model_copy(update={"n_samples": 1})
         self.seed = seed
         self.actor = f"{os.uname().nodename}:{os.getpid()}"
 
@@ -73,10 +78,10 @@ class Generator:
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     def sample(self, worker: Any, prompts: list[Any], index: Any, seed_index: int) -> dict[str, Any]:
-        """Sample `prompts` with `worker` (seeded by `seed_index`), score them under the reference."""
-        from raylign.workers.rollout import chunk_seed
-
-        out = worker.generate(prompts, self.sampling, seed=chunk_seed(self.seed, seed_index))
+        """Sample `prompts` with `worker` (the first of them is prompt `seed_index` of the call's prompts, so
+        its seed key is (seed, Purpose.GENERATE, 0, seed_index)), score them under the reference."""
+        out = worker.generate(prompts, self.sampling, seed=self.seed, purpose=Purpose.GENERATE,
+                              first_index=seed_index)
         lengths = np.array([len(r) for r in out["response_ids"]], dtype=np.int64)
         result = {
             "index": np.asarray(index, dtype=np.int64),
@@ -155,7 +160,8 @@ def generate_checkpoints_with_ray_data(
         resolve_model_path(m)
     items = [{"index": k * len(prompts) + i, "model": k, "prompt_index": i, "prompt_json": json.dumps(p)}
              for k in range(len(models)) for i, p in enumerate(prompts)]
-    sampling = {"max_new_tokens": max_new_tokens, "temperature": temperature, "batch_size": batch_size}
+    sampling = RolloutConfig.model_validate({"max_new_tokens": max_new_tokens, "temperature": temperature,
+                                             "batch_size": batch_size})
     ctor = {"models": list(models), "sampling": sampling, "seed": seed, "num_cpus": cpus_per_actor,
             "reference": reference, "apply_chat_template": apply_chat_template}
     rows, seconds = _run_pool(items, Generator, ctor, actors, cpus_per_actor, batch_size, progress)

@@ -112,7 +112,7 @@ def overoptimization_curves(
     point (step 0, KL 0 up to sampling noise). `proxy`/`gold` are reward sources.
     """
     from raylign.evaluation.generate import generate_checkpoints_with_ray_data
-    from raylign.evaluation.runner import score_in_chunks
+    from raylign.evaluation.scorers import score_in_chunks
 
     pts = ([{"label": "reference", "step": 0, "path": reference}] if include_reference else []) + list(points)
     gen = generate_checkpoints_with_ray_data(prompts, [p["path"] for p in pts], reference=reference, **gen_kw)

@@ -1,22 +1,24 @@
 """`raylign eval`: measure a model's agreement with humans, its biases and its drift; write a report.
 
-    run_eval("runs/dpo", out="eval/dpo", pairs="data/pairs.jsonl", scorer="dpo", prompts="builtin:everyday-prompts")
+    run_eval(EvalSettings(model="runs/dpo", out="eval/dpo", pairs="data/pairs.jsonl", scorer="dpo",
+                          prompts="builtin:everyday-prompts"))
 
-Sections (each runs when its input is given):
+Sections (each runs when its input is given; one function each, in this order):
   pairs    human consistency score: pairwise agreement of the scorer with the human choice (ties half,
            bootstrap 95% CI, per `category` column when present)
   ratings  Spearman/Kendall between the scorer and human ratings
   bias     counterfactual gaps across groups on every axis, in the scorer's score and in the model's
            mean log-likelihood (and, with `bias_generate`, in the VADER sentiment of its generations)
+  checkpoints  (MODEL_OR_RUN a run directory, with --prompts and a gold reward) reward over-optimisation:
+           proxy and gold reward and √KL to the reference at every checkpoint (Gao et al. 2022);
+           the prompts feed these curves instead of the generation section
   prompts  generations with Ray Data: length distribution, distinct-1/2, the judge's reward and its
            correlation with length; with a reference, Monte-Carlo KL and win rate against it
   references  agreement of generations with human answers: mean cosine similarity of sentence
            embeddings (`builtin:minilm-l6`, mean-pooled, L2-normalised) of each generation and the
            human answer to the same prompt, bootstrap 95% CI, beside a mismatched-pairs baseline
-  checkpoints  (MODEL_OR_RUN a run directory, with --prompts and a gold reward) reward over-optimisation:
-           proxy and gold reward and √KL to the reference at every checkpoint (Gao et al. 2022);
-           the prompts feed these curves instead of the generation section
-Everything a user can get wrong (files, columns, scorer names) fails before any model is loaded.
+Everything a user can get wrong fails before any model is loaded: combinations of settings when the
+`EvalSettings` are built, files, columns, scorer names and models in `plan_eval`.
 Writes `OUT/eval.json`, `OUT/report.md` and PNG plots next to them.
 """
 
@@ -24,28 +26,17 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from rich.console import Console
-from tqdm.auto import tqdm
 
 from raylign.evaluation import metrics
 from raylign.evaluation.report import bar_plot, histogram
-
-SCORE_CHUNK = 64
-
-
-def score_in_chunks(scorer: Any, prompts: list[Any], completions: list[str], desc: str,
-                    progress: bool = True) -> np.ndarray:
-    """scorer.score over chunks of SCORE_CHUNK rows, with a progress bar."""
-    out = np.zeros(len(completions), dtype=np.float64)
-    with tqdm(total=len(completions), desc=desc, unit="text", disable=not progress) as bar:
-        for i in range(0, len(completions), SCORE_CHUNK):
-            out[i : i + SCORE_CHUNK] = scorer.score(prompts[i : i + SCORE_CHUNK], completions[i : i + SCORE_CHUNK])
-            bar.update(len(completions[i : i + SCORE_CHUNK]))
-    return out
+from raylign.evaluation.scorers import score_in_chunks
+from raylign.evaluation.settings import EvalSettings
 
 
 def load_references(path: str, limit: int | None = None) -> list[dict[str, Any]]:
@@ -69,174 +60,120 @@ def load_references(path: str, limit: int | None = None) -> list[dict[str, Any]]
                     f"as '{kind}' data")
 
 
-def _load_inputs(pairs: str | None, ratings: str | None, prompts: str | None, bias: str | None,
-                 limit: int | None, references: str | None = None) -> dict[str, Any]:
+def _load_inputs(settings: EvalSettings) -> dict[str, Any]:
     from raylign.data import load_dataset, rows
     from raylign.evaluation.bias import load_bias_sets
 
+    s = settings
     loaded: dict[str, Any] = {}
-    if pairs:
-        loaded["pairs"] = rows(load_dataset(pairs, "pairs", limit=limit))
-    if ratings:
-        loaded["ratings"] = rows(load_dataset(ratings, "ratings", limit=limit))
-    if prompts:
-        loaded["prompts"] = [r["prompt"] for r in rows(load_dataset(prompts, "prompts", limit=limit))]
-    if bias:
-        loaded["bias"] = load_bias_sets(bias)
-    if references:
-        loaded["references"] = load_references(references, limit)
+    if s.pairs:
+        loaded["pairs"] = rows(load_dataset(s.pairs, "pairs", limit=s.limit))
+    if s.ratings:
+        loaded["ratings"] = rows(load_dataset(s.ratings, "ratings", limit=s.limit))
+    if s.prompts:
+        loaded["prompts"] = [r["prompt"] for r in rows(load_dataset(s.prompts, "prompts", limit=s.limit))]
+    if s.bias:
+        loaded["bias"] = load_bias_sets(s.bias)
+    if s.references:
+        loaded["references"] = load_references(s.references, s.limit)
     return loaded
 
 
-def run_eval(
-    model: str,
-    out: str,
-    pairs: str | None = None,
-    ratings: str | None = None,
-    bias: str | None = None,
-    prompts: str | None = None,
-    reference: str | None = None,
-    references: str | None = None,
-    embedder: str = "builtin:minilm-l6",
-    checkpoints: bool = False,
-    proxy: str | None = None,
-    gold: str | None = None,
-    scorer: str = "loglik-mean",
-    judge: str = "lexicon:vader",
-    beta: float = 0.1,
-    limit: int | None = None,
-    max_new_tokens: int = 64,
-    temperature: float = 1.0,
-    actors: int = 2,
-    cpus_per_actor: float = 1.0,
-    batch_size: int = 16,
-    bias_generate: bool = False,
-    seed: int = 0,
-    n_boot: int = 1000,
-    console: Console | None = None,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Run the sections whose inputs are given (module docstring); returns the eval.json content."""
+@dataclass
+class CheckpointCurves:
+    """With --checkpoints: what the over-optimisation section needs."""
+
+    points: list[dict[str, Any]]  # {label, step, path} of the run's checkpoints, in step order
+    reference: str  # the initial model: KL is measured to it, and it is the curves' first point
+    proxy: Any  # the reward trained on and the held-out gold reward (reward sources)
+    gold: Any
+
+
+@dataclass
+class EvalPlan:
+    """What `plan_eval` resolved before any model is loaded."""
+
+    path: str  # the model the sections evaluate: the model, a run's final/, or (curves only) its last checkpoint
+    reference: str | None  # --reference, else the run's base model where the scorer or the curves need one
+    inputs: dict[str, Any]  # the rows of each given file, by section name
+    judge: Any | None  # the reward source judging generations, where a section generates
+    curves: CheckpointCurves | None = None  # with --checkpoints
+
+
+def plan_eval(settings: EvalSettings) -> EvalPlan:
+    """Resolve the models, load the inputs and build the reward sources; fails (one message) on anything
+    a user can get wrong: a run without checkpoints, a bad file or column, an unknown model or reward."""
     from raylign.config import ConfigError
-    from raylign.evaluation.scorers import LogLikScorer, build_scorer, resolve_model_or_run
+    from raylign.evaluation.scorers import resolve_model_or_run
     from raylign.models import resolve_model_path
     from raylign.rewards import build_reward_source
 
-    console = console or Console()
-    if not any((pairs, ratings, bias, prompts, references)):
-        raise ConfigError("nothing to evaluate: give at least one of --pairs, --ratings, --bias, --prompts, "
-                          "--references")
-    start = time.perf_counter()
-    ckpts = None
-    if checkpoints:
-        from raylign.evaluation.overoptimization import proxy_from_run, run_checkpoints
+    s = settings
+    ckpts, ckpt_base, run_cfg = None, None, None
+    if s.checkpoints:
+        from raylign.evaluation.overoptimization import run_checkpoints
 
-        if not (prompts and gold):
-            raise ConfigError("--checkpoints draws reward over-optimisation curves: it needs --prompts F (held-out "
-                              "prompts) and --gold S (a held-out reward, e.g. lexicon:vader or a reward model dir)")
-        ckpts, ckpt_base, run_cfg = run_checkpoints(model)
-        if not (reference or ckpt_base):
-            raise ConfigError(f"cannot tell {model}'s initial model for the KL: pass --reference M")
-    elif proxy or gold:
-        raise ConfigError("--proxy and --gold go with --checkpoints (curves across a run's checkpoints)")
-    if ckpts is not None and not any((pairs, ratings, bias, references)):
+        ckpts, ckpt_base, run_cfg = run_checkpoints(s.model)
+        if not (s.reference or ckpt_base):
+            raise ConfigError(f"cannot tell {s.model}'s initial model for the KL: pass --reference M")
+    if ckpts is not None and not any((s.pairs, s.ratings, s.bias, s.references)):
         path, base = ckpts[-1]["path"], ckpt_base  # only the curves: final/ need not exist
     else:
-        path, base = resolve_model_or_run(model)
-    reference = reference or (base if (scorer == "dpo" or ckpts is not None) else None)
-    inputs = _load_inputs(pairs, ratings, prompts, bias, limit, references)
-    judge_source = build_reward_source(judge) if ((prompts and ckpts is None) or bias_generate) else None
+        path, base = resolve_model_or_run(s.model)
+    reference = s.reference or (base if (s.scorer == "dpo" or ckpts is not None) else None)
+    inputs = _load_inputs(s)
+    judge = build_reward_source(s.judge) if ((s.prompts and ckpts is None) or s.bias_generate) else None
+    plan = EvalPlan(path=path, reference=reference, inputs=inputs, judge=judge)
     if ckpts is not None:
+        from raylign.evaluation.overoptimization import proxy_from_run
+
+        assert reference and s.gold  # checked above and by EvalSettings
         tok = {"tokenizer": reference}  # `length` counts the policy's tokens, as in training
-        gold_source = build_reward_source(gold, **tok)
-        proxy_source = build_reward_source(proxy, **tok) if proxy else proxy_from_run(run_cfg, reference)
+        gold = build_reward_source(s.gold, **tok)
+        proxy = build_reward_source(s.proxy, **tok) if s.proxy else proxy_from_run(run_cfg or {}, reference)
+        plan.curves = CheckpointCurves(points=ckpts, reference=reference, proxy=proxy, gold=gold)
     resolve_model_path(path)
     if reference:
         resolve_model_path(reference)
-    if references:
-        resolve_model_path(embedder)
-    out_dir = Path(out).expanduser()
+    if s.references:
+        resolve_model_path(s.embedder)
+    return plan
+
+
+def run_eval(settings: EvalSettings, console: Console | None = None) -> dict[str, Any]:
+    """Run the sections whose inputs are given (module docstring); returns the eval.json content."""
+    from raylign.evaluation.scorers import build_scorer
+
+    s = settings
+    console = console or Console()
+    start = time.perf_counter()
+    plan = plan_eval(s)
+    out_dir = Path(s.out).expanduser()
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    result: dict[str, Any] = {"model": model, "model_path": path, "reference": reference, "scorer": scorer,
-                              "judge": judge if judge_source else None, "seed": seed}
-    needs_scorer = bool(pairs or ratings or bias)
-    score_src = build_scorer(scorer, model=path, reference=reference, beta=beta) if needs_scorer else None
-    if score_src is not None:
-        result["scorer_name"] = score_src.name
-        console.print(f"eval: {model} scored by {score_src.name}")
+    result: dict[str, Any] = {"model": s.model, "model_path": plan.path, "reference": plan.reference,
+                              "scorer": s.scorer, "judge": s.judge if plan.judge else None, "seed": s.seed}
+    scorer = build_scorer(s.scorer, model=plan.path, reference=plan.reference, beta=s.beta) if s.needs_scorer else None
+    if scorer is not None:
+        result["scorer_name"] = scorer.name
+        console.print(f"eval: {s.model} scored by {scorer.name}")
 
+    inputs = plan.inputs
     if "pairs" in inputs:
-        rows = inputs["pairs"]
-        ps = [r["prompt"] for r in rows]
-        chosen = score_in_chunks(score_src, ps, [r["chosen"] for r in rows], "scoring chosen", progress)
-        rejected = score_in_chunks(score_src, ps, [r["rejected"] for r in rows], "scoring rejected", progress)
-        cats = [r.get("category") for r in rows] if any(r.get("category") is not None for r in rows) else None
-        result["pairs"] = {"file": pairs, **metrics.pairwise_agreement(chosen, rejected, cats, n_boot=n_boot, seed=seed)}
-        p = result["pairs"]
-        console.print(f"human consistency (pairs): agreement {p['agreement']:.3f} "
-                      f"[95% CI {p['ci_low']:.3f}, {p['ci_high']:.3f}] on {p['n']} pairs ({p['ties']} ties)")
-
+        result["pairs"] = pairs_section(s, scorer, inputs["pairs"], console)
     if "ratings" in inputs:
-        rows = inputs["ratings"]
-        texts = [r["text"] if "text" in r else r["completion"] for r in rows]
-        ps = [r.get("prompt") if "text" not in r else None for r in rows]
-        scores = score_in_chunks(score_src, ps, texts, "scoring rated texts", progress)
-        result["ratings"] = {"file": ratings, **metrics.rank_correlation(scores, [r["rating"] for r in rows],
-                                                                          n_boot=n_boot, seed=seed)}
-        r = result["ratings"]
-        console.print(f"human consistency (ratings): Spearman {_num(r['spearman'])} {_ci(*r['spearman_ci'])}, "
-                      f"Kendall {_num(r['kendall'])} {_ci(*r['kendall_ci'])} on {r['n']} items")
-
+        result["ratings"] = ratings_section(s, scorer, inputs["ratings"], console)
     if "bias" in inputs:
-        from raylign.evaluation.bias import evaluate_bias
-
-        sets = inputs["bias"]
-        result["bias"] = {"source": bias, "scorer": evaluate_bias(score_src, sets, n_boot=n_boot, seed=seed)}
-        if scorer != "loglik-mean":
-            result["bias"]["loglik"] = evaluate_bias(LogLikScorer(path, mean=True), sets, n_boot=n_boot, seed=seed)
-        else:
-            result["bias"]["loglik"] = result["bias"]["scorer"]
-        for axis, gap in result["bias"]["scorer"].items():
-            console.print(f"bias ({axis}): mean |gap| {gap['mean_abs_gap']:.4f}, worst {gap['worst_pair'][0]} vs "
-                          f"{gap['worst_pair'][1]} {gap['worst_gap']:+.4f} "
-                          f"[95% CI {gap['worst_gap_ci'][0]:+.4f}, {gap['worst_gap_ci'][1]:+.4f}]")
-
-    gen_kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, actors=actors,
-                  cpus_per_actor=cpus_per_actor, batch_size=batch_size, progress=progress)
-    if "bias" in inputs and bias_generate:
-        from raylign.evaluation.bias import score_matrix
-        from raylign.evaluation.generate import generate_with_ray_data
-
-        sentiment = {}
-        for s in inputs["bias"]:
-            bias_prompts, _ = s.filled()
-            gen = generate_with_ray_data(bias_prompts, path, **gen_kw)
-            vals = judge_source.score(bias_prompts, gen["completions"])
-            sentiment[s.axis] = metrics.counterfactual_gaps(score_matrix(s, vals), list(s.groups),
-                                                            n_boot=n_boot, seed=seed)
-        result["bias"]["generations"] = {"judge": judge_source.name, **sentiment}
-
-    if ckpts is not None:
-        from raylign.evaluation.overoptimization import overoptimization_curves
-
-        console.print(f"over-optimisation: {len(ckpts)} checkpoint(s) of {model} + the reference {reference}, "
-                      f"{len(inputs['prompts'])} prompts, proxy {proxy_source.name}, gold {gold_source.name}")
-        sec = overoptimization_curves(ckpts, inputs["prompts"], reference, proxy_source, gold_source, gen_kw,
-                                      n_boot=n_boot, seed=seed, progress=progress)
-        result["overoptimization"] = {"run": model, "file": prompts, **sec}
-        for pt in sec["points"]:
-            console.print(f"  {pt['checkpoint']:>12} step {pt['step']:>5}: √KL {pt['sqrt_kl']:.3f}  "
-                          f"proxy {pt['proxy']:.3f}  gold {pt['gold']:.3f}")
-        console.print(f"gold peaks at {sec['gold_peak']['checkpoint']}"
-                      + (" and falls after it while the proxy rises: over-optimised" if sec["overoptimized"] else ""))
+        result["bias"] = bias_section(s, scorer, inputs["bias"], plan.path, console)
+        if s.bias_generate:
+            result["bias"]["generations"] = bias_generation_section(s, inputs["bias"], plan.path, plan.judge)
+    if plan.curves is not None:
+        result["overoptimization"] = overoptimization_section(s, plan.curves, inputs["prompts"], console)
     elif "prompts" in inputs:
-        result["generation"] = _generation_section(inputs["prompts"], path, reference, judge_source, gen_kw,
-                                                   n_boot, seed, console, prompts)
-
+        result["generation"] = generation_section(s, inputs["prompts"], plan.path, plan.reference, plan.judge,
+                                                  console)
     if "references" in inputs:
-        result["references"] = _references_section(inputs["references"], path, embedder, gen_kw, n_boot, seed,
-                                                   console, references, progress)
+        result["references"] = references_section(s, inputs["references"], plan.path, console)
 
     result["seconds"] = time.perf_counter() - start
     write_eval_report(result, out_dir)  # first: it moves the raw lengths out of `result` into a plot
@@ -245,19 +182,106 @@ def run_eval(
     return result
 
 
-def _generation_section(prompts: list[Any], path: str, reference: str | None, judge: Any, gen_kw: dict,
-                        n_boot: int, seed: int, console: Console, source: str) -> dict[str, Any]:
+# ---- sections: each returns its part of eval.json and prints its summary lines ---------------------
+
+
+def pairs_section(settings: EvalSettings, scorer: Any, rows: list[dict[str, Any]], console: Console) -> dict[str, Any]:
+    """Pairwise agreement of `scorer` with the human choice (per category where rows have one)."""
+    s = settings
+    ps = [r["prompt"] for r in rows]
+    chosen = score_in_chunks(scorer, ps, [r["chosen"] for r in rows], "scoring chosen", s.progress)
+    rejected = score_in_chunks(scorer, ps, [r["rejected"] for r in rows], "scoring rejected", s.progress)
+    cats = [r.get("category") for r in rows] if any(r.get("category") is not None for r in rows) else None
+    p = {"file": s.pairs, **metrics.pairwise_agreement(chosen, rejected, cats, n_boot=s.n_boot, seed=s.seed)}
+    console.print(f"human consistency (pairs): agreement {p['agreement']:.3f} "
+                  f"[95% CI {p['ci_low']:.3f}, {p['ci_high']:.3f}] on {p['n']} pairs ({p['ties']} ties)")
+    return p
+
+
+def ratings_section(settings: EvalSettings, scorer: Any, rows: list[dict[str, Any]], console: Console) -> dict[str, Any]:
+    """Spearman and Kendall rank correlation of `scorer` with the human ratings."""
+    s = settings
+    texts = [r["text"] if "text" in r else r["completion"] for r in rows]
+    ps = [r.get("prompt") if "text" not in r else None for r in rows]
+    scores = score_in_chunks(scorer, ps, texts, "scoring rated texts", s.progress)
+    r = {"file": s.ratings, **metrics.rank_correlation(scores, [r["rating"] for r in rows], n_boot=s.n_boot,
+                                                       seed=s.seed)}
+    console.print(f"human consistency (ratings): Spearman {_num(r['spearman'])} {_ci(*r['spearman_ci'])}, "
+                  f"Kendall {_num(r['kendall'])} {_ci(*r['kendall_ci'])} on {r['n']} items")
+    return r
+
+
+def bias_section(settings: EvalSettings, scorer: Any, sets: list[Any], path: str, console: Console) -> dict[str, Any]:
+    """Counterfactual gaps per axis in `scorer`'s score and in the model's (at `path`) mean log-likelihood
+    (the same dict object when the scorer is loglik-mean)."""
+    from raylign.evaluation.bias import evaluate_bias
+    from raylign.evaluation.scorers import LogLikScorer
+
+    s = settings
+    section: dict[str, Any] = {"source": s.bias, "scorer": evaluate_bias(scorer, sets, n_boot=s.n_boot, seed=s.seed)}
+    if s.scorer != "loglik-mean":
+        section["loglik"] = evaluate_bias(LogLikScorer(path, mean=True), sets, n_boot=s.n_boot, seed=s.seed)
+    else:
+        section["loglik"] = section["scorer"]
+    for axis, gap in section["scorer"].items():
+        console.print(f"bias ({axis}): mean |gap| {gap['mean_abs_gap']:.4f}, worst {gap['worst_pair'][0]} vs "
+                      f"{gap['worst_pair'][1]} {gap['worst_gap']:+.4f} "
+                      f"[95% CI {gap['worst_gap_ci'][0]:+.4f}, {gap['worst_gap_ci'][1]:+.4f}]")
+    return section
+
+
+def bias_generation_section(settings: EvalSettings, sets: list[Any], path: str, judge: Any) -> dict[str, Any]:
+    """Counterfactual gaps per axis in the `judge`'s score of the model's generations from the filled
+    templates (the bias section's `generations`)."""
+    from raylign.evaluation.bias import score_matrix
     from raylign.evaluation.generate import generate_with_ray_data
 
+    s = settings
+    sentiment = {}
+    for bias_set in sets:
+        bias_prompts, _ = bias_set.filled()
+        gen = generate_with_ray_data(bias_prompts, path, **s.generation_kwargs())
+        vals = judge.score(bias_prompts, gen["completions"])
+        sentiment[bias_set.axis] = metrics.counterfactual_gaps(score_matrix(bias_set, vals), list(bias_set.groups),
+                                                               n_boot=s.n_boot, seed=s.seed)
+    return {"judge": judge.name, **sentiment}
+
+
+def overoptimization_section(settings: EvalSettings, curves: CheckpointCurves, prompts: list[Any],
+                             console: Console) -> dict[str, Any]:
+    """Proxy and gold reward and √KL to the reference at each of the run's checkpoints, on `prompts`."""
+    from raylign.evaluation.overoptimization import overoptimization_curves
+
+    s, c = settings, curves
+    console.print(f"over-optimisation: {len(c.points)} checkpoint(s) of {s.model} + the reference {c.reference}, "
+                  f"{len(prompts)} prompts, proxy {c.proxy.name}, gold {c.gold.name}")
+    sec = overoptimization_curves(c.points, prompts, c.reference, c.proxy, c.gold, s.generation_kwargs(),
+                                  n_boot=s.n_boot, seed=s.seed, progress=s.progress)
+    for pt in sec["points"]:
+        console.print(f"  {pt['checkpoint']:>12} step {pt['step']:>5}: √KL {pt['sqrt_kl']:.3f}  "
+                      f"proxy {pt['proxy']:.3f}  gold {pt['gold']:.3f}")
+    console.print(f"gold peaks at {sec['gold_peak']['checkpoint']}"
+                  + (" and falls after it while the proxy rises: over-optimised" if sec["overoptimized"] else ""))
+    return {"run": s.model, "file": s.prompts, **sec}
+
+
+def generation_section(settings: EvalSettings, prompts: list[Any], path: str, reference: str | None, judge: Any,
+                       console: Console) -> dict[str, Any]:
+    """Generations of the model at `path`: lengths, diversity, the judge's reward; with a reference, KL and
+    win rate against it."""
+    from raylign.evaluation.generate import generate_with_ray_data
+
+    s = settings
+    gen_kw = s.generation_kwargs()
     gen = generate_with_ray_data(prompts, path, reference=reference, **gen_kw)
     rewards = np.asarray(judge.score(prompts, gen["completions"]), dtype=np.float64)
     section: dict[str, Any] = {
-        "file": source, "prompts": len(prompts), "actors": len(gen["actors"]),
+        "file": s.prompts, "prompts": len(prompts), "actors": len(gen["actors"]),
         "generations_per_second": gen["generations_per_second"], "seconds": gen["seconds"],
         "lengths": metrics.length_stats(gen["tokens"]),
         "diversity": metrics.diversity(gen["completions"]),
         "reward": {"judge": judge.name, "mean": float(rewards.mean()),
-                   "ci": list(metrics.bootstrap_ci(rewards, n_boot=n_boot, seed=seed))},
+                   "ci": list(metrics.bootstrap_ci(rewards, n_boot=s.n_boot, seed=s.seed))},
         "reward_length_correlation": metrics.reward_length_correlation(rewards, gen["tokens"]),
         "finished_fraction": float(np.mean(gen["finished"])),
         "samples": [{"prompt": p, "completion": c} for p, c in zip(prompts[:5], gen["completions"][:5], strict=False)],
@@ -267,34 +291,37 @@ def _generation_section(prompts: list[Any], path: str, reference: str | None, ju
                   f"{gen['generations_per_second']:.1f} generations/s; mean {judge.name} {rewards.mean():.3f}; "
                   f"distinct-1 {section['diversity']['distinct_1']:.3f}, distinct-2 {section['diversity']['distinct_2']:.3f}")
     if reference is not None:
-        section["kl"] = metrics.kl_monte_carlo(gen["logp"], gen["ref_logp"], gen["tokens"], n_boot=n_boot, seed=seed)
+        section["kl"] = metrics.kl_monte_carlo(gen["logp"], gen["ref_logp"], gen["tokens"], n_boot=s.n_boot,
+                                               seed=s.seed)
         ref_gen = generate_with_ray_data(prompts, reference, **gen_kw)
         ref_rewards = judge.score(prompts, ref_gen["completions"])
-        section["win_rate"] = metrics.win_rate(rewards, ref_rewards, n_boot=n_boot, seed=seed)
+        section["win_rate"] = metrics.win_rate(rewards, ref_rewards, n_boot=s.n_boot, seed=s.seed)
         console.print(f"drift: KL to {reference} {section['kl']['kl']:.3f} nats/completion; win rate "
                       f"{section['win_rate']['win_rate']:.3f} by {judge.name}")
     return section
 
 
-def _references_section(refs: list[dict[str, Any]], path: str, embedder: str, gen_kw: dict, n_boot: int,
-                        seed: int, console: Console, source: str, progress: bool) -> dict[str, Any]:
+def references_section(settings: EvalSettings, refs: list[dict[str, Any]], path: str,
+                       console: Console) -> dict[str, Any]:
+    """Cosine similarity of the model's generations to the human answers, beside a mismatched baseline."""
     from raylign.evaluation.embeddings import SentenceEmbedder
     from raylign.evaluation.generate import generate_with_ray_data
 
+    s = settings
     prompts = [r["prompt"] for r in refs]
-    gen = generate_with_ray_data(prompts, path, **gen_kw)
-    emb = SentenceEmbedder(embedder)
-    u = emb.embed(gen["completions"], progress=progress, desc="embedding generations")
-    v = emb.embed([r["reference"] for r in refs], progress=progress, desc="embedding references")
-    sim = metrics.reference_similarity(u, v, n_boot=n_boot, seed=seed)
+    gen = generate_with_ray_data(prompts, path, **s.generation_kwargs())
+    emb = SentenceEmbedder(s.embedder)
+    u = emb.embed(gen["completions"], progress=s.progress, desc="embedding generations")
+    v = emb.embed([r["reference"] for r in refs], progress=s.progress, desc="embedding references")
+    sim = metrics.reference_similarity(u, v, n_boot=s.n_boot, seed=s.seed)
     cosines = sim.pop("cosines")
-    section = {"file": source, "embedder": embedder, **sim,
+    section = {"file": s.references, "embedder": s.embedder, **sim,
                "samples": [{"prompt": r["prompt"], "generation": g, "reference": r["reference"], "cosine": c}
                            for r, g, c in zip(refs[:5], gen["completions"][:5], cosines[:5], strict=False)],
                "_cosines": cosines}
     base = _num(sim["mismatched_cosine"])
     console.print(f"agreement with human references: mean cosine {sim['mean_cosine']:.3f} "
-                  f"{_ci(sim['ci_low'], sim['ci_high'])} on {sim['n']} prompts by {embedder} "
+                  f"{_ci(sim['ci_low'], sim['ci_high'])} on {sim['n']} prompts by {s.embedder} "
                   f"(mismatched pairs: {base})")
     return section
 

@@ -27,12 +27,26 @@ import numpy as np
 
 from raylign.rewards import RewardSource, RewardSourceError, build_reward_source, check_batch
 
+SCORE_CHUNK = 64  # rows per scorer.score call in `score_in_chunks`
 NAMED_SCORERS = ("loglik-mean", "loglik-sum", "dpo")
 SCORER_FORMS = (
     "'loglik-mean' or 'loglik-sum' (the model's own log-likelihood of the answer), 'dpo' (implicit "
     "reward β·(log π − log π_ref), with --reference), or any reward source: 'lexicon:vader', 'length', "
     "'module:function', a reward model directory, 'builtin:<name>' or 'tiny:<arch>'"
 )
+
+
+def score_in_chunks(scorer: Any, prompts: Sequence[Any], completions: Sequence[str], desc: str,
+                    progress: bool = True) -> np.ndarray:
+    """scorer.score over chunks of SCORE_CHUNK rows, with a progress bar."""
+    from tqdm.auto import tqdm
+
+    out = np.zeros(len(completions), dtype=np.float64)
+    with tqdm(total=len(completions), desc=desc, unit="text", disable=not progress) as bar:
+        for i in range(0, len(completions), SCORE_CHUNK):
+            out[i : i + SCORE_CHUNK] = scorer.score(prompts[i : i + SCORE_CHUNK], completions[i : i + SCORE_CHUNK])
+            bar.update(len(completions[i : i + SCORE_CHUNK]))
+    return out
 
 
 class LogLikelihood:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from raylign.config import ConfigError, RolloutConfig
+from raylign.config import ConfigError, RolloutConfig, validate_settings
 
 
 class AnnotateSettings(BaseModel):
@@ -66,10 +66,4 @@ class AnnotateSettings(BaseModel):
 
 def settings_from(values: dict) -> AnnotateSettings:
     """`AnnotateSettings` from CLI values; a bad value or combination is one `ConfigError` naming it."""
-    try:
-        return AnnotateSettings.model_validate(values)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        message = str(first["msg"]).removeprefix("Value error, ")
-        raise ConfigError(f"{where}: {message}" if where else message) from None
+    return validate_settings(AnnotateSettings, values)

@@ -10,9 +10,9 @@ import ipaddress
 import os
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from raylign.config import ConfigError
+from raylign.config import ConfigError, validate_settings
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 API_KEY_ENV = "RAYLIGN_API_KEY"
@@ -126,10 +126,4 @@ def api_key_policy(host: str, api_key: str | None, no_api_key: bool) -> tuple[st
 
 def settings_from(values: dict) -> ServeSettings:
     """`ServeSettings` from CLI/config values; a bad value is one `ServeError` naming it."""
-    try:
-        return ServeSettings.model_validate(values)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        message = str(first["msg"]).removeprefix("Value error, ")
-        raise ServeError(f"{where}: {message}" if where else message) from None
+    return validate_settings(ServeSettings, values, ServeError)

@@ -12,6 +12,7 @@ from rich.console import Console
 from raylign.cli import main
 from raylign.data import load_dataset
 from raylign.pipelines.annotate import best_worst_pair, run_annotate, write_jsonl_atomic
+from raylign.pipelines.annotate_settings import AnnotateSettings
 from tests.conftest import write_jsonl
 
 PROMPTS = [f"Tell me about {topic}." for topic in (
@@ -35,7 +36,7 @@ def prompts_file(tmp_path_factory):
 def annotated(ray_session, prompts_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("annotate") / "out" / "pairs.jsonl"  # parent is created
     console = _quiet()
-    summary = run_annotate(prompts_file, out=str(out), seed=0, workers=2, console=console, **FAST)
+    summary = run_annotate(AnnotateSettings(prompts=prompts_file, out=str(out), seed=0, workers=2, **FAST), console=console)
     return out, summary, console.file.getvalue()
 
 
@@ -60,7 +61,7 @@ def test_pairs_are_valid_best_vs_worst(annotated):
 def test_same_seed_same_file_whatever_the_worker_count(annotated, prompts_file, tmp_path):
     out, _, _ = annotated
     again = tmp_path / "again.jsonl"
-    run_annotate(prompts_file, out=str(again), seed=0, workers=1, console=_quiet(), **FAST)
+    run_annotate(AnnotateSettings(prompts=prompts_file, out=str(again), seed=0, workers=1, **FAST), console=_quiet())
     assert again.read_bytes() == out.read_bytes()
 
 
@@ -89,14 +90,15 @@ def test_min_margin_keeps_only_clearly_separated_pairs(ray_session, prompts_file
     sys.path.insert(0, str(tmp_path))
     try:
         common = dict(FAST, annotator="ramp_annotator:ramp", n=3, max_new_tokens=4)
-        summary = run_annotate(prompts_file, out=str(tmp_path / "a.jsonl"), console=_quiet(), min_margin=2.0,
-                               **common)
+        summary = run_annotate(AnnotateSettings(prompts=prompts_file, out=str(tmp_path / "a.jsonl"), min_margin=2.0,
+                                                **common), console=_quiet())
         assert summary["pairs"] >= 1 and summary["below_margin"] == summary["ties"] == 0
         assert summary["pairs"] + summary["empty"] == len(PROMPTS)
         from raylign.data import DataError
 
         with pytest.raises(DataError, match=f"{summary['pairs']} below --min-margin"):
-            run_annotate(prompts_file, out=str(tmp_path / "b.jsonl"), console=_quiet(), min_margin=2.5, **common)
+            run_annotate(AnnotateSettings(prompts=prompts_file, out=str(tmp_path / "b.jsonl"), min_margin=2.5,
+                                          **common), console=_quiet())
         assert not (tmp_path / "b.jsonl").exists()
     finally:
         sys.path.remove(str(tmp_path))
