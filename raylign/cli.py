@@ -6,10 +6,15 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from raylign.evaluation.settings import EvalSettings
+    from raylign.pipelines.annotate_settings import AnnotateSettings
 
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
@@ -80,15 +85,23 @@ def cmd_data(args: argparse.Namespace) -> None:
     console.print(f"[green]valid:[/green] {args.file} as {args.kind}")
 
 
+def annotate_settings(args: argparse.Namespace) -> AnnotateSettings:
+    """The `AnnotateSettings` of a parsed `raylign data annotate` command line (one ConfigError if bad)."""
+    from raylign.pipelines.annotate_settings import settings_from
+
+    return settings_from({
+        "prompts": args.prompts, "model": args.model, "annotator": args.annotator, "out": args.out,
+        "n": args.n, "seed": args.seed, "limit": args.limit, "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature, "top_p": args.top_p, "workers": args.workers,
+        "cpus_per_worker": args.cpus_per_worker, "batch_size": args.batch_size, "min_margin": args.min_margin,
+        "progress": not args.no_progress,
+    })
+
+
 def cmd_data_annotate(args: argparse.Namespace) -> None:
     from raylign.pipelines.annotate import run_annotate
 
-    run_annotate(
-        args.prompts, args.model, args.annotator, args.out, n=args.n, seed=args.seed,
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-        limit=args.limit, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
-        batch_size=args.batch_size, console=console, progress=not args.no_progress, min_margin=args.min_margin,
-    )
+    run_annotate(annotate_settings(args), console=console)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -162,17 +175,25 @@ def cmd_dashboard(args: argparse.Namespace) -> None:
     raise SystemExit(subprocess.call(cmd))
 
 
+def eval_settings(args: argparse.Namespace) -> EvalSettings:
+    """The `EvalSettings` of a parsed `raylign eval` command line (one ConfigError if bad)."""
+    from raylign.evaluation.settings import settings_from
+
+    return settings_from({
+        "model": args.model, "out": args.out, "pairs": args.pairs, "ratings": args.ratings, "bias": args.bias,
+        "prompts": args.prompts, "reference": args.reference, "references": args.references,
+        "embedder": args.embedder, "checkpoints": args.checkpoints, "proxy": args.proxy, "gold": args.gold,
+        "scorer": args.scorer, "judge": args.judge, "beta": args.beta, "limit": args.limit,
+        "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "actors": args.actors,
+        "cpus_per_actor": args.cpus_per_actor, "batch_size": args.batch_size,
+        "bias_generate": args.bias_generate, "seed": args.seed, "progress": not args.no_progress,
+    })
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     from raylign.evaluation.runner import run_eval
 
-    run_eval(
-        args.model, args.out, pairs=args.pairs, ratings=args.ratings, bias=args.bias, prompts=args.prompts,
-        reference=args.reference, references=args.references, embedder=args.embedder,
-        checkpoints=args.checkpoints, proxy=args.proxy, gold=args.gold, scorer=args.scorer, judge=args.judge, beta=args.beta, limit=args.limit,
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, actors=args.actors,
-        cpus_per_actor=args.cpus_per_actor, batch_size=args.batch_size, bias_generate=args.bias_generate,
-        seed=args.seed, console=console, progress=not args.no_progress,
-    )
+    run_eval(eval_settings(args), console=console)
 
 
 def cmd_report(args: argparse.Namespace) -> None:

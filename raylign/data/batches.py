@@ -14,7 +14,7 @@ metric is one edit here.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -138,7 +138,7 @@ def sum_parts(parts: Iterable[Mapping[str, float]]) -> dict[str, float]:
     return out
 
 
-def combine_ranks(parts: list[Mapping[str, float]]) -> dict[str, float]:
+def combine_ranks(parts: Sequence[Mapping[str, float]]) -> dict[str, float]:
     """One optimizer step's sums over DDP ranks; grad norm and lr (equal on every rank) from rank 0."""
     return sum_parts(parts) | {k: parts[0][k] for k in PER_RANK_SAME}
 
@@ -187,7 +187,7 @@ def summarize_task(task_type: str, sums: Mapping[str, float], prefix: str) -> di
     return out
 
 
-def summarize_policy(steps: list[Mapping[str, float]]) -> dict[str, float]:
+def summarize_policy(steps: Sequence[Mapping[str, float]]) -> dict[str, float]:
     """The policy learner's sums of every optimizer step of an RL step -> `policy/*` and
     `rollout/logp_gap` (how far the learner's log-probs are from the sampler's)."""
     p = sum_parts(steps)
@@ -206,7 +206,7 @@ def summarize_policy(steps: list[Mapping[str, float]]) -> dict[str, float]:
     return out
 
 
-def summarize_critic(steps: list[Mapping[str, float]]) -> dict[str, float]:
+def summarize_critic(steps: Sequence[Mapping[str, float]]) -> dict[str, float]:
     c = sum_parts(steps)
     return {"critic/value_loss": c["value_loss_sum"] / max(c["units"], 1.0),
             "critic/clip_fraction": c["value_clip_fraction_sum"] / max(c["tokens"], 1.0)}

@@ -111,8 +111,8 @@ def _run_pool(items: list[dict[str, Any]], cls: type, ctor: dict[str, Any], acto
     ctx.enable_progress_bars = progress
     ctx.verbose_stats_logs = False
     start = time.perf_counter()
-    ds = ray.data.from_items(items, override_num_blocks=max(actors, min(len(items) // batch_size, 64) or 1))
-    ds = ds.map_batches(cls, fn_constructor_kwargs=ctor, batch_size=batch_size,
+    source = ray.data.from_items(items, override_num_blocks=max(actors, min(len(items) // batch_size, 64) or 1))
+    ds = source.map_batches(cls, fn_constructor_kwargs=ctor, batch_size=batch_size,
                         compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus_per_actor,
                         batch_format="numpy")
     rows = sorted(ds.take_all(), key=lambda r: int(r["index"]))

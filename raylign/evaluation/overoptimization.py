@@ -51,7 +51,7 @@ def run_checkpoints(run_dir: str) -> tuple[list[dict[str, Any]], str | None, dic
                 return cand
         return None
 
-    points = []
+    points: list[dict[str, Any]] = []
     for d in (run / "checkpoints").glob("step_*") if (run / "checkpoints").is_dir() else []:
         suffix = d.name.removeprefix("step_")
         found = model_dir(d)
@@ -176,7 +176,7 @@ def plot_curves(path: Path, section: dict[str, Any]) -> Path:
     ax.set_title("Reward over-optimisation across checkpoints")
     ax.grid(alpha=0.3)
     lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
-    ax.legend(lines, [h.get_label() for h in lines], fontsize=8, loc="best")
+    ax.legend(lines, [str(h.get_label()) for h in lines], fontsize=8, loc="best")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

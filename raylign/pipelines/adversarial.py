@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import ray
@@ -36,6 +36,9 @@ from raylign.pipelines.online import run_online
 from raylign.rundir import ADVERSARIAL_STATE, DISCRIMINATOR_DIR, RunResult
 from raylign.runtime import Purpose, rng
 from raylign.workers.reward import merge_scores
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 PINNED_HIGH, PINNED_LOW = 0.99, 0.52  # D accuracy this close to 1 (D wins) or to ½ (D is blind)
 
@@ -53,7 +56,7 @@ class AdversarialGame:
         self.conditioned = config.data.kind == "pairs"
         self.prompts: list[Any] = []  # the run's training prompts (those that fit), row-aligned with
         self.human_texts: list[str] = []  # ... the chosen answers when conditioned
-        self.tokenizer = None
+        self.tokenizer: PreTrainedTokenizerBase | None = None  # set by prepare()
 
     # ---- before Ray ----------------------------------------------------------------------------
     def prepare(self, train_rows, tokenizer, console: Console) -> None:
@@ -118,6 +121,7 @@ class AdversarialGame:
         budget = self.config.rollout.max_new_tokens
 
         def rollout_rewards(prefixes: list[tuple[int, int]], n: int) -> list[list[float]]:
+            assert self.tokenizer is not None, "prepare() sets the tokenizer"
             starts = [np.concatenate([rollouts["prompt_ids"][row], responses[row][:t]]) for row, t in prefixes]
             sampling = self.config.rollout.model_copy(update={
                 "n_samples": self.adv.mc_rollouts, "max_new_tokens": max(budget - min(t for _, t in prefixes), 1)})
@@ -126,7 +130,8 @@ class AdversarialGame:
             for k, cont in enumerate(out["response_ids"]):
                 row, t = prefixes[k // n]
                 ids = np.concatenate([responses[row][:t], cont[: budget - t]])
-                texts.append(self.tokenizer.decode(ids, skip_special_tokens=True).strip())
+                # One sequence of ids decodes to one string.
+                texts.append(cast(str, self.tokenizer.decode(ids, skip_special_tokens=True)).strip())
             row_prompts = [prompts[prefixes[k // n][0]] for k in range(len(texts))]
             scores = merge_scores(ray.get(state.score_async(row_prompts, texts)))["total"]
             return [scores[k * n : (k + 1) * n].tolist() for k in range(len(prefixes))]

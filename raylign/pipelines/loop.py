@@ -209,8 +209,8 @@ def _release(run: RunDir, algorithm: Algorithm, quiet: bool) -> None:
         errors.append(exc)
     errors += shutdown_groups(algorithm)
     if errors and quiet:
-        for exc in errors:
-            log.warning("while releasing the run's resources: %r", exc)
+        for err in errors:
+            log.warning("while releasing the run's resources: %r", err)
     elif errors:
         raise errors[0]
 

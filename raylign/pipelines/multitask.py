@@ -12,6 +12,7 @@ relative improvement of the tasks' validation losses since step 0 (the sweep obj
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -85,9 +86,11 @@ def _load_tasks(config: RunConfig, tokenizer, console: Console) -> tuple[list[_T
     for name, task in tasks.items():
         cfg = config.model_copy(update={"data": task.data})
         train_table, val_table = load_split(task.data)
-        encode = {"imitation": lambda rows, c=cfg, k=task.data.kind: encode_sft_rows(rows, k, tokenizer, c),
-                  "preference": lambda rows, c=cfg: encode_pair_rows(rows, "pairs", tokenizer, c),
-                  "rating": lambda rows, c=cfg: encode_rating_rows(rows, tokenizer, c)}[task.type]
+        encoders: dict[str, Callable[..., list[dict]]] = {  # each called with the rows alone
+            "imitation": lambda rows, c=cfg, k=task.data.kind: encode_sft_rows(rows, k, tokenizer, c),
+            "preference": lambda rows, c=cfg: encode_pair_rows(rows, "pairs", tokenizer, c),
+            "rating": lambda rows, c=cfg: encode_rating_rows(rows, tokenizer, c)}
+        encode = encoders[task.type]
         train = encode(train_table.to_pylist())
         val = encode(val_table.to_pylist()) if val_table is not None and len(val_table) else []
         if len(train) < sizes[name]:
@@ -100,6 +103,7 @@ def _load_tasks(config: RunConfig, tokenizer, console: Console) -> tuple[list[_T
             for e in train + val:  # the head regresses standardised ratings
                 e["rating"] = (e["rating"] - mean) / std
         elif task.type == "rating":
+            assert task.num_classes is not None, "TaskConfig requires num_classes for a classification head"
             bad = [e["rating"] for e in train + val if e["rating"] != int(e["rating"])
                    or not 0 <= e["rating"] < task.num_classes]
             if bad:

@@ -379,6 +379,7 @@ class OnlineRL(Algorithm):
                 self.algorithm, config, batch, scores["total"], rollouts["group_ids"], kl_coef, values, prefix_values)
             batch["advantages"] = advantages
             if values is not None:
+                assert returns is not None  # a critic (PPO) gets returns as its targets
                 batch["old_values"], batch["returns"] = values, returns
 
         policy_sums: list[dict[str, float]] = []
@@ -529,14 +530,16 @@ def save_pending_rollouts(rollouts: dict[str, Any], path: Path) -> None:
     with their lengths, texts as JSON."""
     lengths = {k: np.array([len(x) for x in rollouts[k]], dtype=np.int64)
                for k in ("prompt_ids", "response_ids")}
-    np.savez(path / PENDING_ROLLOUTS,
-             **{k: np.concatenate(rollouts[k]).astype(np.int64) if len(rollouts[k]) else np.zeros(0, np.int64)
-                for k in ("prompt_ids", "response_ids")},
-             logprobs=np.concatenate(rollouts["logprobs"]).astype(np.float32),
-             prompt_lengths=lengths["prompt_ids"], response_lengths=lengths["response_ids"],
-             group_ids=rollouts["group_ids"], finished=rollouts["finished"],
-             **({"ref_logps": np.concatenate(rollouts["ref_logps"]).astype(np.float32)}
-                if "ref_logps" in rollouts else {}))
+    # One mapping of Any: numpy types `savez(**arrays)` as possibly binding its `allow_pickle: bool`.
+    arrays: dict[str, Any] = dict(
+        **{k: np.concatenate(rollouts[k]).astype(np.int64) if len(rollouts[k]) else np.zeros(0, np.int64)
+           for k in ("prompt_ids", "response_ids")},
+        logprobs=np.concatenate(rollouts["logprobs"]).astype(np.float32),
+        prompt_lengths=lengths["prompt_ids"], response_lengths=lengths["response_ids"],
+        group_ids=rollouts["group_ids"], finished=rollouts["finished"],
+        **({"ref_logps": np.concatenate(rollouts["ref_logps"]).astype(np.float32)}
+           if "ref_logps" in rollouts else {}))
+    np.savez(path / PENDING_ROLLOUTS, **arrays)
     meta = {k: rollouts[k] for k in ("texts", "versions", "seconds", "tokens")}
     (path / PENDING_ROLLOUTS_META).write_text(json.dumps(meta))
 

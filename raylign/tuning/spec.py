@@ -173,7 +173,8 @@ def load_spec(path: str, overrides: list[str] | None = None) -> TuneSpec:
                               "any other key is a recipe key (train.lr, model.path, ...)")
     data = deep_merge(data, parse_overrides(spec_items))
     data["overrides"] = list(data.get("overrides") or []) + recipe_items
-    data.setdefault("name", p.stem)
+    if data.get("name") is None:  # absent or `name: null`: the sweep is named after its file
+        data["name"] = p.stem
     try:
         spec = TuneSpec.model_validate(data)
     except ValidationError as exc:

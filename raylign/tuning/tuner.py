@@ -149,6 +149,7 @@ def run_tune(spec: TuneSpec, console: Console | None = None, restart: bool = Fal
 
     console = console or Console()
     base = validate_trial_keys(spec)  # every mistake before Ray starts
+    assert spec.name is not None, "load_spec names the sweep after its file"
     sweep_dir = (Path(spec.output_dir) / spec.name).resolve()
     if restart and sweep_dir.exists():
         shutil.rmtree(sweep_dir)
@@ -193,7 +194,8 @@ def run_tune(spec: TuneSpec, console: Console | None = None, restart: bool = Fal
             ),
         )
     results = tuner.fit()
-    errors = [r.error for r in results if r.error is not None]
+    # ResultGrid iterates by __getitem__ (the old sequence protocol); ray's class declares no __iter__.
+    errors = [r.error for r in results if r.error is not None]  # type: ignore[attr-defined]
     if errors:
         console.print(f"[red]{len(errors)} trial(s) failed[/red]; first error: {errors[0]}")
     return sweep_dir

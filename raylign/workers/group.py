@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import ray
@@ -12,6 +12,9 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from raylign.runtime import ResourceError
+
+if TYPE_CHECKING:
+    from ray.actor import ActorClass
 
 
 def shard_batch(batch: dict[str, Any], n: int) -> list[dict[str, Any]]:
@@ -59,8 +62,12 @@ class WorkerGroup:
                 f"could not place {num_workers} x {bundle} for '{name}' within {ready_timeout_s:.0f}s; "
                 f"the cluster has {ray.available_resources()}. Lower resources.* in the config."
             )
-        remote_cls = ray.remote(actor_cls) if not hasattr(actor_cls, "remote") else actor_cls
-        self.workers = [
+        remote_cls: ActorClass[Any] = (
+            ray.remote(actor_cls) if not hasattr(actor_cls, "remote") else cast("ActorClass[Any]", actor_cls)
+        )
+        # Actor handles, whose methods are called by name (`getattr(w, method).remote`): ray types
+        # `.remote()` as `ActorHandle | type` and `ActorHandle.__getattr__` as returning Never.
+        self.workers: list[Any] = [
             remote_cls.options(
                 num_cpus=num_cpus,
                 num_gpus=num_gpus,

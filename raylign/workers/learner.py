@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import socket
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.lr_scheduler import LRScheduler
 
 from raylign.algorithms.logprobs import response_start, rl_logits, sequence_logps, token_logps
 from raylign.config import RunConfig, as_section
@@ -23,6 +26,12 @@ from raylign.workers.objectives import (
     causal_logits,
     make_objective,
 )
+
+if TYPE_CHECKING:
+    import peft
+    from transformers import PreTrainedTokenizerBase
+
+    from raylign.config import ModelConfig
 
 
 def _free_port() -> int:
@@ -69,12 +78,14 @@ class LearnerWorker:
         self.objective = make_objective(objective, self.config)
         seed_everything(derive_seed(self.config.seed, Purpose.INIT))
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        load = {"scalar": load_scalar_model, "value": load_value_model}.get(MODEL_KIND.get(objective), load_causal_lm)
+        loaders: dict[str | None, Callable[[ModelConfig], tuple[torch.nn.Module, PreTrainedTokenizerBase]]] = {
+            "scalar": load_scalar_model, "value": load_value_model}
+        load = loaders.get(MODEL_KIND.get(objective), load_causal_lm)
         self.model, self.tokenizer = load(self.config.model)
         self.model.to(self.device)
         self.ddp_model: torch.nn.Module = self.model
         self.optimizer: torch.optim.Optimizer | None = None
-        self.scheduler = None
+        self.scheduler: LRScheduler | None = None
         self.reference: torch.nn.Module | None = None
         self.needs_reference = objective in NEEDS_REFERENCE
         if self.needs_reference:
@@ -99,7 +110,8 @@ class LearnerWorker:
         if self.reference is not None:
             logits = causal_logits(self.reference, ids)
         else:
-            with self.model.disable_adapter():
+            # No separate reference only under LoRA (see _load_reference): the model is a peft model.
+            with cast("peft.PeftModel", self.model).disable_adapter():
                 logits = causal_logits(self.model, ids)
         return sequence_logps(logits, ids, mask)
 
@@ -140,7 +152,7 @@ class LearnerWorker:
                 return token_logps(rl_logits(self.model, ids, temperature, start), ids[:, start:])
             if self.reference is not None:
                 return token_logps(rl_logits(self.reference, ids, temperature, start), ids[:, start:])
-            with self.model.disable_adapter():
+            with cast("peft.PeftModel", self.model).disable_adapter():  # LoRA without a separate reference
                 return token_logps(rl_logits(self.model, ids, temperature, start), ids[:, start:])
 
         return self._per_token(shard, logps)
@@ -199,7 +211,7 @@ class LearnerWorker:
         Loss = Σ unit losses / global_units; DDP averages gradients over ranks, so each rank scales by
         world_size to turn that average back into the global sum.
         """
-        assert self.optimizer is not None, "setup_optimizer first"
+        assert self.optimizer is not None and self.scheduler is not None, "setup_optimizer first"
         self.ddp_model.train()
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
@@ -208,7 +220,9 @@ class LearnerWorker:
         for i, mb in enumerate(mbs):
             mb = {k: v.to(self.device) for k, v in mb.items()}
             last = i == len(mbs) - 1
-            sync = self.ddp_model.no_sync() if (self.world_size > 1 and not last) else nullcontext()
+            # With several ranks, setup_distributed wrapped the model in DDP.
+            sync = (cast(DistributedDataParallel, self.ddp_model).no_sync() if (self.world_size > 1 and not last)
+                    else nullcontext())
             with sync:
                 loss_sum, mb_sums = self.objective(self.ddp_model, mb, self._ref_fn(), **(hparams or {}))
                 (loss_sum * scale).backward()
@@ -224,7 +238,7 @@ class LearnerWorker:
         self.optimizer.step()
         self.scheduler.step()
         sums["grad_norm"] = grad_norm
-        sums["lr"] = self.scheduler.get_last_lr()[0]
+        sums["lr"] = cast(float, self.scheduler.get_last_lr()[0])  # a float (AdamW's lr); torch allows a Tensor
         return sums
 
     @torch.no_grad()
@@ -256,6 +270,7 @@ class LearnerWorker:
         if with_model_dir:
             save_model(self.model, self.tokenizer, out / MODEL_DIR, merge_lora=True)
         save_file(self.trainable_state(), str(out / TRAINABLE_WEIGHTS))
+        assert self.optimizer is not None and self.scheduler is not None, "setup_optimizer first"
         torch.save(
             {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
             out / OPTIMIZER_STATE,
@@ -271,6 +286,7 @@ class LearnerWorker:
             raise ValueError(f"checkpoint {src} lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[:3]}")
         self.model.load_state_dict(state, strict=False)
         opt = torch.load(src / OPTIMIZER_STATE, weights_only=True)
+        assert self.optimizer is not None and self.scheduler is not None, "setup_optimizer first"
         self.optimizer.load_state_dict(opt["optimizer"])
         self.scheduler.load_state_dict(opt["scheduler"])
         torch.set_rng_state(torch.load(src / RNG_STATE, weights_only=True)["torch"])

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ from raylign.algorithms.task_weighting import TaskWeighting, cosine_matrix
 from raylign.config import RunConfig, as_section
 from raylign.data.batches import rating_sums
 from raylign.models.heads import last_token_index
+from raylign.models.hf import as_hf
 from raylign.runtime import Purpose, derive_seed
 from raylign.workers.learner import LearnerWorker, micro_batches
 from raylign.workers.objectives import make_objective, sft_objective
@@ -38,11 +39,18 @@ REFERENCE_LOSSES = {"dpo", "ipo", "hinge"}
 RATING_HEADS_DIR = "rating_heads"
 
 
-def preference_objective_name(loss: str) -> tuple[str, str | None]:
+def preference_objective_name(loss: str) -> tuple[str, Literal["sigmoid", "ipo", "hinge"] | None]:
     """Task loss -> (learner objective, preference.loss_type override)."""
     if loss in REFERENCE_LOSSES:
-        return "dpo", {"dpo": "sigmoid"}.get(loss, loss)
+        # REFERENCE_LOSSES are DPO's loss types, with dpo's own named sigmoid.
+        return "dpo", cast('Literal["sigmoid", "ipo", "hinge"]', {"dpo": "sigmoid"}.get(loss, loss))
     return loss, None
+
+
+def _grad(p: torch.Tensor) -> torch.Tensor:
+    """`p.grad` right after a backward pass through `p`."""
+    assert p.grad is not None, "no gradient reached this parameter"
+    return p.grad
 
 
 class MultiTaskLearner(LearnerWorker):
@@ -63,12 +71,14 @@ class MultiTaskLearner(LearnerWorker):
                 if loss_type:
                     task_cfg.preference.loss_type = loss_type
                 self.objectives[name] = make_objective(objective_name, task_cfg)
-        hidden = self.model.config.get_text_config().hidden_size
+        hidden = as_hf(self.model).config.get_text_config().hidden_size
         dtype = next(self.model.parameters()).dtype
         self.heads = nn.ModuleDict()
         for name, task in tasks.items():
             if task.type == "rating":
-                head = nn.Linear(hidden, task.num_classes if task.head == "classification" else 1, dtype=dtype)
+                outputs = task.num_classes if task.head == "classification" else 1
+                assert outputs is not None, "TaskConfig requires num_classes for a classification head"
+                head = nn.Linear(hidden, outputs, dtype=dtype)
                 nn.init.zeros_(head.weight)
                 nn.init.zeros_(head.bias)
                 self.heads[name] = head
@@ -92,7 +102,7 @@ class MultiTaskLearner(LearnerWorker):
         from transformers import get_scheduler
 
         t = self.config.train
-        groups = [{"params": self.shared_params() + list(self.heads.parameters())}]
+        groups: list[dict[str, Any]] = [{"params": self.shared_params() + list(self.heads.parameters())}]
         if self.weighting.log_vars is not None:
             groups.append({"params": [self.weighting.log_vars], "lr": self.config.multitask.weighting_lr,
                            "weight_decay": 0.0})
@@ -148,7 +158,7 @@ class MultiTaskLearner(LearnerWorker):
         """One optimizer step. `shards`: this rank's batch of each active task; `units`: each task's
         global unit count (tokens / pairs / examples); `active`: priority gates. Returns per-task
         metric sums (summed over ranks by the driver) and the per-rank-equal weights/cosines."""
-        assert self.optimizer is not None, "setup_optimizer first"
+        assert self.optimizer is not None and self.scheduler is not None, "setup_optimizer first"
         self.model.train()
         self.heads.train()
         shared = self.shared_params()
@@ -174,7 +184,7 @@ class MultiTaskLearner(LearnerWorker):
                               for p in shared])
             grads[i] = self._all_reduce(flat)
             if name in self.heads:
-                head_grads[name] = [self._all_reduce(p.grad.clone()) for p in self.heads[name].parameters()]
+                head_grads[name] = [self._all_reduce(_grad(p).clone()) for p in self.heads[name].parameters()]
             loss_key = "nll_sum" if "nll_sum" in task_sums else "loss_sum"
             losses[i] = task_sums.get(loss_key, 0.0) * scale
         self._all_reduce(losses)
@@ -192,6 +202,7 @@ class MultiTaskLearner(LearnerWorker):
             for p, g in zip(self.heads[name].parameters(), gs, strict=True):
                 p.grad = g * w
         if log_vars_grad is not None:
+            assert self.weighting.log_vars is not None  # the gradient came from it
             self.weighting.log_vars.grad = log_vars_grad  # ∂L/∂s_i from combine()
         grad_norm = 0.0
         if self.config.train.max_grad_norm:
@@ -199,13 +210,15 @@ class MultiTaskLearner(LearnerWorker):
                                                              self.config.train.max_grad_norm))
         self.optimizer.step()
         self.scheduler.step()
-        info: dict[str, float] = {"grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0]}
+        # The scheduler's lrs are floats (AdamW's lr is one); torch types them float | Tensor.
+        info: dict[str, float] = {"grad_norm": grad_norm, "lr": cast(float, self.scheduler.get_last_lr()[0])}
         for i, name in enumerate(self.task_names):
             info[f"{name}/weight"] = float(weights[i])
-            if grads[i] is not None:
-                info[f"{name}/grad_norm"] = float(grads[i].norm())
+            if (task_grad := grads[i]) is not None:
+                info[f"{name}/grad_norm"] = float(task_grad.norm())
         if len(live) >= 2:
-            cos = cosine_matrix([grads[i] for i in live])
+            # Every live task's gradient was set above.
+            cos = cosine_matrix(cast("list[torch.Tensor]", [grads[i] for i in live]))
             for a in range(len(live)):
                 for b in range(a + 1, len(live)):
                     info[f"{self.task_names[live[a]]}~{self.task_names[live[b]]}"] = float(cos[a, b])
@@ -295,6 +308,7 @@ class MultiTaskLearner(LearnerWorker):
                     shutil.copy2(item, target)
         mean, std = self.rating_stats.get(name, (0.0, 1.0))
         head = self.heads[name]
+        assert isinstance(head, nn.Linear)  # every rating head is one (see __init__)
         weight = (head.weight.detach().float() * std).cpu().contiguous()
         bias = (head.bias.detach().float() * std + mean).cpu().contiguous()
         save_file({"weight": weight, "bias": bias}, str(out / HEAD_WEIGHTS))

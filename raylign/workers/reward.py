@@ -53,9 +53,11 @@ class RewardWorker:
         return self.mix.update(prompts, completions, **batch)
 
     def save_discriminator(self, path: str) -> None:
+        assert self.discriminator is not None, "this reward worker was built without a discriminator"
         self.discriminator.save(path)
 
     def load_discriminator(self, path: str) -> None:
+        assert self.discriminator is not None, "this reward worker was built without a discriminator"
         self.discriminator.load(path)
 
 

@@ -15,6 +15,7 @@ import warnings
 from typing import Any
 
 import numpy as np
+import peft
 import torch
 from transformers import DynamicCache
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
@@ -39,7 +40,7 @@ def sample_batch(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
     """
     greedy = cfg.temperature == 0
     temperature = 1.0 if greedy else cfg.temperature
-    warpers = []
+    warpers: list[TopKLogitsWarper | TopPLogitsWarper] = []
     if not greedy and cfg.top_k > 0:
         warpers.append(TopKLogitsWarper(cfg.top_k))
     if not greedy and cfg.top_p < 1.0:
@@ -106,6 +107,7 @@ class RolloutWorker:
         saved_adapter: dict[str, torch.Tensor] = {}
         if is_peft_model(net):  # a saved adapter directory: its base is W0, the adapter its first weights
             peft_cfg = net.peft_config[net.active_adapter]
+            assert isinstance(peft_cfg, peft.LoraConfig), f"not a LoRA adapter: {type(peft_cfg).__name__}"
             self.lora_scaling = peft_cfg.lora_alpha / (math.sqrt(peft_cfg.r) if peft_cfg.use_rslora else peft_cfg.r)
             saved_adapter = {n: p.detach().clone() for n, p in net.named_parameters() if is_lora_weight(n)}
             net = net.unload()  # removes the adapter layers without merging: the pristine base
@@ -119,7 +121,7 @@ class RolloutWorker:
         self.tokenizer.padding_side = "left"  # generation continues from the right edge of every row
         self.eos_ids = self._eos_ids()
         # Every parameter and buffer by name, tied aliases included (GPT-2's lm_head.weight is wte's).
-        self.params = dict(self.model.named_parameters(remove_duplicate=False))
+        self.params: dict[str, torch.Tensor] = dict(self.model.named_parameters(remove_duplicate=False))
         self.params |= dict(self.model.named_buffers(remove_duplicate=False))
         self.pristine: dict[str, torch.Tensor] = {}  # W0 of every weight a LoRA merge has touched
         self.merged: set[str] = set()  # weights that currently hold W0 + ΔW
@@ -152,9 +154,11 @@ class RolloutWorker:
             tensors = {name: torch.as_tensor(value) for name, value in weights.items()}
         adapter = {n: t for n, t in tensors.items() if is_lora_weight(n)}
         plain = {plain_param_name(n): t for n, t in tensors.items() if n not in adapter}
-        if adapter and self.lora_scaling is None:
-            raise ValueError("got LoRA adapter weights, but the model config has no `lora` section (α and r)")
-        deltas = lora_merge_deltas(adapter, self.lora_scaling, self.fan_in_fan_out) if adapter else {}
+        deltas: dict[str, torch.Tensor] = {}
+        if adapter:
+            if self.lora_scaling is None:
+                raise ValueError("got LoRA adapter weights, but the model config has no `lora` section (α and r)")
+            deltas = lora_merge_deltas(adapter, self.lora_scaling, self.fan_in_fan_out)
         self._check_names(deltas, plain)
         for name in self.merged - set(deltas):
             self.params[name].copy_(self.pristine[name])
@@ -238,6 +242,7 @@ class RolloutWorker:
         prompt + response rows (no attention mask needed), logits at the sampling temperature."""
         from raylign.algorithms.logprobs import rl_logits, token_logps
 
+        assert self.reference is not None, "generate() checks for the reference model before calling this"
         temperature = cfg.temperature or 1.0
         rows_per_call = cfg.batch_size * cfg.n_samples
         out: list[np.ndarray] = []
@@ -270,9 +275,9 @@ class RolloutWorker:
         prompt_ids = [self._prompt_ids(p) for p in prompts]
         enc = self.tokenizer.pad({"input_ids": [ids.tolist() for ids in prompt_ids]}, padding=True,
                                  return_tensors="pt")
-        responses, logprobs = sample_batch(self.model, enc["input_ids"], enc["attention_mask"], cfg.n_samples,
-                                           cfg, self.eos_ids, self.tokenizer.pad_token_id)
-        responses, logprobs = responses.numpy(), logprobs.numpy()
+        sampled, sampled_logprobs = sample_batch(self.model, enc["input_ids"], enc["attention_mask"], cfg.n_samples,
+                                                 cfg, self.eos_ids, self.tokenizer.pad_token_id)
+        responses, logprobs = sampled.numpy(), sampled_logprobs.numpy()
         rows: dict[str, list] = {"prompt_ids": [], "response_ids": [], "logprobs": [], "finished": []}
         for i, response in enumerate(responses):
             # After its EOS a row is padded; those columns are not part of the response.
