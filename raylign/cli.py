@@ -105,12 +105,14 @@ def cmd_data_annotate(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    import json
+
     from raylign.config import load_config
     from raylign.pipelines import run_pipeline
 
-    config = load_config(args.recipe, args.overrides)
-    if args.name:
-        config.output.name = args.name
+    # --name goes through the same validation as output.name (a JSON string is a YAML string).
+    name = [f"output.name={json.dumps(args.name)}"] if args.name else []
+    config = load_config(args.recipe, [*args.overrides, *name])
     result = run_pipeline(config, resume=args.resume, console=console)
     console.print(result.summary_line())
 

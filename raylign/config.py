@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails
 
 
@@ -286,7 +286,7 @@ class OutputConfig(Section):
     """The run directory `<dir>/<name>/`."""
 
     dir: str = "runs"
-    name: str | None = Field(None, description="default: <recipe>-<timestamp>")
+    name: str | None = Field(None, description="one path component under dir; default: <recipe>-<timestamp>")
     save_every: int = Field(0, ge=0, description="checkpoint every k steps; 0 = only final")
     keep_last: int = Field(2, ge=1)
     trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
@@ -301,6 +301,22 @@ class OutputConfig(Section):
     mlflow_experiment: str = Field("raylign", description="MLflow experiment the run is logged under")
     samples_per_step: int = Field(4, ge=0)
     overwrite: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _one_path_component(cls, name: str | None) -> str | None:
+        """A run name is a directory name under `dir`, never a path: `output.overwrite` must not be able
+        to reach outside it (`../victim`, `/`)."""
+        if name is None:
+            return None
+        problem = ("is empty" if not name.strip() else "contains a NUL byte" if "\0" in name
+                   else "is '.' or '..'" if name in (".", "..")
+                   else "contains a path separator" if "/" in name or "\\" in name
+                   else f"is {len(name.encode())} bytes, over 255" if len(name.encode()) > 255 else None)
+        if problem:
+            raise ValueError(f"the run name {name!r} {problem}: it must be one directory name under output.dir "
+                             "(letters, digits, '-', '_', '.'), e.g. output.name=my-run")
+        return name
 
 
 # Every algorithm `raylign train` runs (IPO and cDPO are DPO's preference.loss_type / label_smoothing).
@@ -482,6 +498,8 @@ def _format_error(loc: tuple[Any, ...], err: ErrorDetails, several: bool) -> str
         return f"unknown key '{dotted}'.{did} Valid keys in {where}: {', '.join(valid)}"
     if not loc:  # a cross-field check of a whole section
         return err["msg"].removeprefix("Value error, ")
+    if err["type"] == "value_error":  # a field's own check: its message says what is wrong and what to do
+        return f"'{dotted}': " + err["msg"].removeprefix("Value error, ")
     parent = _model_at(loc[:-1])
     expected = ""
     if parent is not None and str(loc[-1]) in parent.model_fields:

@@ -27,6 +27,7 @@ CHECKPOINTS_DIR = "checkpoints"
 CHECKPOINT_PREFIX = "step_"  # checkpoints/step_<n>/
 FINAL_DIR = "final"  # loadable by transformers and `raylign serve`
 REFERENCE_CACHE_PREFIX = "ref_logps_"  # ref_logps_<fingerprint>.npz: precomputed reference log-probs
+RUN_MARKER = ".raylign-run"  # written when raylign creates a run dir: only such a dir is ever replaced
 
 # Inside a checkpoint.
 TRAINER_STATE = "trainer_state.json"  # the driver's state: {"step": n, ...}
@@ -79,10 +80,16 @@ class RunDir:
                     f"run directory {self.path} already exists; pass --resume to continue it, "
                     "output.overwrite=true to replace it, or output.name=<new name>"
                 )
+            if not (self.path / RUN_MARKER).is_file():
+                raise ConfigError(
+                    f"{self.path} exists and raylign did not create it (no {RUN_MARKER} marker): output.overwrite "
+                    "only replaces raylign's own run directories; choose another output.name or remove it yourself"
+                )
             shutil.rmtree(self.path)
         if resume and not self.path.exists():
             raise ConfigError(f"--resume: run directory {self.path} does not exist")
         self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / RUN_MARKER).touch()
         self.checkpoints = self.path / CHECKPOINTS_DIR
         self.checkpoints.mkdir(exist_ok=True)
         self.keep_last = config.output.keep_last
@@ -173,10 +180,11 @@ class RunDir:
         for fh_name, file in (("_metrics", METRICS_FILE), ("_samples", SAMPLES_FILE)):
             getattr(self, fh_name).close()
             path = self.path / file
-            kept = [
-                line for line in path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step
-            ]
+            rows, lines, torn = _read_jsonl(path)
+            if torn:
+                print(f"raylign: {path.name}: cut a torn last line (a run stopped mid-write): {torn[:60]!r}",
+                      flush=True)
+            kept = [line for row, line in zip(rows, lines, strict=True) if row.get("step", 0) <= step]
             path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
             setattr(self, fh_name, open(path, "a", encoding="utf-8"))
 
@@ -194,9 +202,23 @@ class RunDir:
 
 
 def read_metrics(run_path: str | Path) -> list[dict[str, Any]]:
-    """Every row of a run's metrics.jsonl."""
-    path = Path(run_path) / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """Every row of a run's metrics.jsonl (a torn last line, from a run stopped mid-write, is left out)."""
+    return _read_jsonl(Path(run_path) / METRICS_FILE)[0]
+
+
+def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[str], str]:
+    """(rows, their lines, the torn last line or ""). Only the last line may be torn: a bad line before
+    it is damage no crash explains, and stays an error naming it."""
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows: list[dict[str, Any]] = []
+    for number, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if number == len(lines):
+                return rows, lines[:-1], line
+            raise ConfigError(f"{path}: line {number} is not JSON ({exc.msg}); fix or remove it") from None
+    return rows, lines, ""
 
 
 def read_trainer_state(checkpoint: str | Path) -> dict[str, Any]:

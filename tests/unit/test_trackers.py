@@ -177,7 +177,7 @@ def test_no_trackers_and_default(tmp_path):
     run.log_final_model()
     run.close()
     assert sorted(p.name for p in (tmp_path / "none").iterdir()) == [
-        "checkpoints", "config.yaml", "final", "metrics.jsonl", "samples.jsonl"]
+        rundir.RUN_MARKER, "checkpoints", "config.yaml", "final", "metrics.jsonl", "samples.jsonl"]
     assert load_config("sft").output.trackers == ["tensorboard"]
     assert rundir.TENSORBOARD_DIR == trackers.TENSORBOARD_DIR
 
