@@ -51,7 +51,6 @@ def step_indices(n_rows: int, batch_size: int, seed: int, step: int, stream: int
     return order[offset * batch_size : (offset + 1) * batch_size]
 
 
-
 class PhaseTimer:
     """Seconds per named phase of one step: `with timer.phase("train"): ...`."""
 
@@ -68,11 +67,6 @@ class PhaseTimer:
             yield
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
-
-    def add(self, name: str, seconds: float) -> None:
-        """Time spent in a phase before the step began (e.g. waiting on rollouts started earlier)."""
-        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
-        self.started -= seconds
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started

@@ -3,6 +3,7 @@ of every group on every path out (fake groups stand in for actor groups)."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -79,12 +80,14 @@ def _config(tmp_path, *extra):
 
 def test_phase_timer_names_phases_and_rejects_unknown_ones():
     timer = PhaseTimer()
-    with timer.phase("train"):
+    for _ in range(2):  # a phase entered twice adds up
+        with timer.phase("train"):
+            time.sleep(0.01)
+    with timer.phase("generate"):
         pass
-    timer.add("generate", 2.0)
     m = timer.metrics()
     assert set(m) == {"perf/train_seconds", "perf/generate_seconds", "perf/step_seconds"}
-    assert m["perf/generate_seconds"] == 2.0 and m["perf/step_seconds"] >= 2.0
+    assert m["perf/train_seconds"] >= 0.02 and m["perf/step_seconds"] >= m["perf/train_seconds"]
     with pytest.raises(ValueError, match="unknown phase"):
         with timer.phase("thinking"):
             pass
