@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -26,9 +28,27 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from raylign.data import DataError
     from raylign.models import ModelNotFoundError
     from raylign.rewards import RewardSourceError
-    from raylign.runtime import ResourceError
+    from raylign.runtime import ResourceError, RunStopped
 
-    return (ConfigError, DataError, ModelNotFoundError, RewardSourceError, ResourceError, FileNotFoundError)
+    return (ConfigError, DataError, ModelNotFoundError, RewardSourceError, ResourceError, RunStopped,
+            FileNotFoundError)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C so the same clean-up runs (exit 143)."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def _stop_local_ray() -> None:
+    """After an interrupt: stop the Ray this process started (attached clusters are only disconnected)."""
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
 
 
 # ---- commands ------------------------------------------------------------------------------------
@@ -113,7 +133,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     # --name goes through the same validation as output.name (a JSON string is a YAML string).
     name = [f"output.name={json.dumps(args.name)}"] if args.name else []
     config = load_config(args.recipe, [*args.overrides, *name])
-    result = run_pipeline(config, resume=args.resume, console=console)
+    if args.resume_force and not args.resume:
+        raise SystemExit("--resume-force goes with --resume")
+    result = run_pipeline(config, resume=args.resume, resume_force=args.resume_force, console=console)
     console.print(result.summary_line())
 
 
@@ -222,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="built-in recipe name (see `raylign recipes list`) or a YAML path")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-5 resources.learners=2")
     p.add_argument("--resume", action="store_true", help="continue the run directory from its last checkpoint")
+    p.add_argument("--resume-force", action="store_true",
+                   help="with --resume: continue even though the model, algorithm, data or seed changed")
     p.add_argument("--name", help="run name (same as output.name=...)")
     p.set_defaults(func=cmd_train)
 
@@ -388,16 +412,29 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], None] = args.func
+    main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
+    if main_thread:
+        signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         func(args)
-    except KeyboardInterrupt:
-        err_console.print("[yellow]interrupted[/yellow]")
-        return 130
+    except KeyboardInterrupt as exc:
+        # Actors and the run directory were released on the way out (pipelines/loop.py).
+        for sig in saved:
+            signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
+        _stop_local_ray()
+        terminated = isinstance(exc, Terminated)
+        err_console.print(f"[yellow]{'terminated' if terminated else 'interrupted'}[/yellow]")
+        return 143 if terminated else 130
     except Exception as exc:  # noqa: BLE001 - user errors become one line, the rest re-raise
         if isinstance(exc, _user_errors()):
             err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False)
             return 2
         raise
+    finally:
+        for sig, handler in saved.items():
+            if handler is not None:  # None: a handler not set from Python, nothing to restore
+                signal.signal(sig, handler)
     return 0
 
 

@@ -150,6 +150,9 @@ class TrainConfig(Section):
     max_grad_norm: float | None = Field(1.0, gt=0.0)
     eval_every: int = Field(0, ge=0, description="0 = only at the end")
     log_every: int = Field(1, ge=1)
+    on_nonfinite: Literal["stop", "skip_step"] = Field(
+        "stop", description="a NaN/inf loss or gradient norm: stop the run with a message (the last checkpoint "
+        "stays resumable), or skip that optimizer step and go on (counted as train/skipped_steps)")
 
 
 class PreferenceConfig(Section):
@@ -276,6 +279,9 @@ class ResourcesConfig(Section):
     threads: int | None = Field(
         None, gt=0, description="torch threads per rollout/learner actor; None = its CPU share. The RL loop's "
         "groups take turns, so on one small machine each may use every core")
+    call_timeout_s: float | None = Field(
+        1800.0, gt=0.0, description="a remote call (a train step, a generation, a reward) still running after "
+        "this stops the run naming the actor and method; None = wait forever")
 
 
 def _default_trackers() -> list[Literal["tensorboard", "wandb", "mlflow"]]:

@@ -6,14 +6,18 @@ Every loop, worker and tool that reads or writes a run uses these names; none sp
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import shutil
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from raylign.config import ConfigError, RunConfig, dump_config
 from raylign.trackers import TENSORBOARD_DIR as TENSORBOARD_DIR  # noqa: F401 - one name table for the run dir
@@ -42,6 +46,11 @@ PENDING_ROLLOUTS_META = "rollouts.json"  # ... and its texts, versions and timin
 DISCRIMINATOR_DIR = "discriminator"  # adversarial: D's weights and optimizer (also under final/)
 ADVERSARIAL_STATE = "adversarial_state.json"  # adversarial: replay buffer and collapse watch
 
+# What makes a run the run it is: `--resume` with any of these changed is a different run (refused
+# unless --resume-force). Everything else (lr, steps, logging, resources) may change on resume.
+RUN_IDENTITY = ("algorithm", "seed", "model.path", "model.lora", "reference.path", "data.train", "data.validation",
+                "data.kind", "multitask.tasks")
+
 
 def _jsonable(value: Any) -> Any:
     """Metrics are floats; NaN/inf are written as null so metrics.jsonl stays valid JSON."""
@@ -67,13 +76,61 @@ class RunResult:
         return f"done: {self.steps} steps -> {self.run_dir}/{FINAL_DIR}  ({shown})"
 
 
+def identity_changes(saved: dict[str, Any], config: RunConfig) -> list[str]:
+    """`key: old -> new` for every RUN_IDENTITY key where `config` differs from a run's saved config."""
+    new = config.model_dump(mode="json")
+    changes = []
+    for key in RUN_IDENTITY:
+        old_value, new_value = _lookup(saved, key), _lookup(new, key)
+        if old_value != new_value:
+            changes.append(f"{key}: {_short(old_value)} -> {_short(new_value)}")
+    return changes
+
+
+def _lookup(tree: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def fsync_tree(path: Path) -> None:
+    """Flush every file under `path`, and the directories themselves, to the disk (before a rename
+    makes them a checkpoint: a power cut must not leave a committed checkpoint of empty files)."""
+    for root, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(Path(root))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether `exc` (or the error a Ray actor raised, which Ray wraps) is ENOSPC/EDQUOT."""
+    cause = getattr(exc, "cause", None) or exc
+    return isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
 class RunDir:
     """Owns `<output.dir>/<name>/`. Writers append line by line so a crashed run keeps its history."""
 
-    def __init__(self, config: RunConfig, resume: bool = False):
+    def __init__(self, config: RunConfig, resume: bool = False, resume_force: bool = False):
         name = config.output.name or f"{config.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
         self.path = Path(config.output.dir) / name
         self.name = name
+        # Actor names are global in a Ray namespace: concurrent runs with one name (Tune trials) must differ.
+        self.actor_prefix = f"raylign-{name}-{uuid.uuid4().hex[:8]}"
         if self.path.exists() and any(self.path.iterdir()) and not resume:
             if not config.output.overwrite:
                 raise ConfigError(
@@ -88,10 +145,13 @@ class RunDir:
             shutil.rmtree(self.path)
         if resume and not self.path.exists():
             raise ConfigError(f"--resume: run directory {self.path} does not exist")
+        if resume and not resume_force:
+            self._check_same_run(config)
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / RUN_MARKER).touch()
         self.checkpoints = self.path / CHECKPOINTS_DIR
         self.checkpoints.mkdir(exist_ok=True)
+        self.remove_partial_checkpoints()  # what a run killed mid-checkpoint left behind
         self.keep_last = config.output.keep_last
         (self.path / CONFIG_FILE).write_text(dump_config(config))
         self._metrics = open(self.path / METRICS_FILE, "a", encoding="utf-8")
@@ -107,6 +167,22 @@ class RunDir:
             if hasattr(self, "_trackers"):
                 self.close_trackers()
             raise
+
+    def _check_same_run(self, config: RunConfig) -> None:
+        saved_file = self.path / CONFIG_FILE
+        if not saved_file.is_file():
+            return
+        changes = identity_changes(yaml.safe_load(saved_file.read_text()) or {}, config)
+        if changes:
+            raise ConfigError(
+                f"--resume: this config would make {self.path} a different run ({'; '.join(changes)}). Resume with "
+                "the run's own settings (its config.yaml), start a new run with another output.name, or pass "
+                "--resume-force to continue anyway")
+
+    def remove_partial_checkpoints(self) -> None:
+        """Delete `.tmp_step_*` dirs: checkpoints whose writing never finished (never read back)."""
+        for tmp in self.checkpoints.glob(f".tmp_{CHECKPOINT_PREFIX}*"):
+            shutil.rmtree(tmp, ignore_errors=True)
 
     @property
     def final(self) -> Path:
@@ -155,10 +231,14 @@ class RunDir:
         return tmp
 
     def commit_checkpoint(self, step: int, tmp: Path) -> Path:
+        """Flush `tmp` to disk, rename it to step_<n> (atomic on one filesystem), then rotate: only
+        committed checkpoints are ever deleted, and only once a newer one is committed."""
         final = self.checkpoint_path(step)
+        fsync_tree(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+        _fsync_dir(self.checkpoints)
         for old in self.list_checkpoints()[: -self.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
         return final

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 from enum import IntEnum
 from typing import Any
 
@@ -29,6 +31,15 @@ log = logging.getLogger(__name__)
 
 class ResourceError(RuntimeError):
     """The cluster cannot host the requested actors; the message says what to change."""
+
+
+class RunStopped(RuntimeError):
+    """A run ended on purpose with one message: a non-finite loss, a dead or hung worker, a full disk.
+    The message names what happened and what to do; the last checkpoint is intact."""
+
+
+class NonFiniteError(RunStopped):
+    """A loss, gradient norm, reward or weight that is NaN or infinite (`train.on_nonfinite`)."""
 
 
 # ---- seeds ---------------------------------------------------------------------------------------
@@ -90,6 +101,19 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
+    # ray.init installs its own SIGTERM handler (a crash report, then abort): keep the one the command set,
+    # so SIGTERM stops a run as cleanly as Ctrl-C (cli.main).
+    sigterm = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+    try:
+        _init(address, num_cpus)
+    finally:
+        if callable(sigterm):
+            signal.signal(signal.SIGTERM, sigterm)
+
+
+def _init(address: str | None, num_cpus: int | None) -> None:
+    import ray
+
     address = address or os.environ.get("RAY_ADDRESS")
     kwargs: dict[str, Any] = {"log_to_driver": True, "logging_level": logging.WARNING}
     if address:

@@ -70,7 +70,7 @@ class RLBatch(TypedDict):
 # ---- producing sums (inside learners) ------------------------------------------------------------
 
 # Values every DDP rank reports identically: taken from one rank, never summed.
-PER_RANK_SAME = ("grad_norm", "lr")
+PER_RANK_SAME = ("grad_norm", "lr", "skipped_step")
 
 
 def sft_sums(nll_sum: float, tokens: float) -> dict[str, float]:
@@ -140,7 +140,7 @@ def sum_parts(parts: Iterable[Mapping[str, float]]) -> dict[str, float]:
 
 def combine_ranks(parts: Sequence[Mapping[str, float]]) -> dict[str, float]:
     """One optimizer step's sums over DDP ranks; grad norm and lr (equal on every rank) from rank 0."""
-    return sum_parts(parts) | {k: parts[0][k] for k in PER_RANK_SAME}
+    return sum_parts(parts) | {k: parts[0][k] for k in PER_RANK_SAME if k in parts[0]}
 
 
 # ---- decoding sums into metrics (driver) ---------------------------------------------------------
@@ -199,6 +199,7 @@ def summarize_policy(steps: Sequence[Mapping[str, float]]) -> dict[str, float]:
         "policy/entropy": p["entropy_sum"] / tokens,
         "policy/grad_norm": float(np.mean([s["grad_norm"] for s in steps])),
         "policy/lr": steps[-1]["lr"],
+        "policy/skipped_steps": float(sum(s.get("skipped_step", 0.0) for s in steps)),
         "rollout/logp_gap": p["logp_gap_sum"] / tokens,
     }
     if "behavior_weight_sum" in p:  # rollout.overlap: decoupled PPO's mean min(π_prox/π_sampler, cap)
@@ -209,4 +210,5 @@ def summarize_policy(steps: Sequence[Mapping[str, float]]) -> dict[str, float]:
 def summarize_critic(steps: Sequence[Mapping[str, float]]) -> dict[str, float]:
     c = sum_parts(steps)
     return {"critic/value_loss": c["value_loss_sum"] / max(c["units"], 1.0),
+            "critic/skipped_steps": float(sum(s.get("skipped_step", 0.0) for s in steps)),
             "critic/clip_fraction": c["value_clip_fraction_sum"] / max(c["tokens"], 1.0)}

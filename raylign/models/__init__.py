@@ -22,6 +22,7 @@ _EXPORTS = {
     "ScalarHeadOutput": "heads",
     "enable_gradient_checkpointing": "hf",
     "as_model_config": "loading",
+    "context_length": "loading",
     "ensure_pad_token": "loading",
     "load_backbone": "loading",
     "load_causal_lm": "loading",
@@ -46,6 +47,7 @@ __all__ = [
     "ScalarHeadOutput",
     "apply_lora",
     "as_model_config",
+    "context_length",
     "enable_gradient_checkpointing",
     "ensure_pad_token",
     "is_peft_model",
@@ -72,6 +74,7 @@ if TYPE_CHECKING:
     from raylign.models.hf import enable_gradient_checkpointing
     from raylign.models.loading import (
         as_model_config,
+        context_length,
         ensure_pad_token,
         load_backbone,
         load_causal_lm,

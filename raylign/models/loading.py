@@ -67,6 +67,18 @@ def load_tokenizer(model: ModelLike, padding_side: str | None = None) -> PreTrai
     return _tokenizer_at(path, cfg, padding_side)
 
 
+def context_length(model: ModelLike) -> int | None:
+    """How many positions the model attends over (prompt + completion), from its config; None if it
+    names none (then nothing can be checked ahead of time)."""
+    cfg, path = _resolve(model)
+    hf = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(hf, key, None) or getattr(getattr(hf, "text_config", None), key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def _tokenizer_at(path: str, cfg: ModelConfig, padding_side: str | None = None) -> PreTrainedTokenizerBase:
     tokenizer = AutoTokenizer.from_pretrained(_tokenizer_dir(path), trust_remote_code=cfg.trust_remote_code)
     ensure_pad_token(tokenizer)

@@ -19,14 +19,15 @@ PIPELINES = (dict.fromkeys(OFFLINE_ALGORITHMS, run_offline) | dict.fromkeys(ONLI
 
 
 def run_pipeline(config: RunConfig, resume: bool = False, console: Console | None = None,
-                 on_step: Callable[[int, dict[str, Any]], None] | None = None) -> RunResult:
-    """Run the loop for `config.algorithm`; `on_step(step, metrics)` is called after each logged step."""
+                 on_step: Callable[[int, dict[str, Any]], None] | None = None, resume_force: bool = False) -> RunResult:
+    """Run the loop for `config.algorithm`; `on_step(step, metrics)` is called after each logged step.
+    `resume_force`: resume even a run whose identity (model, algorithm, data, seed) the config changed."""
     runner = PIPELINES.get(config.algorithm)
     if runner is None:
         raise ConfigError(
             f"algorithm '{config.algorithm}' is not available; available: {', '.join(sorted(PIPELINES))}"
         )
-    return runner(config, resume=resume, console=console, on_step=on_step)
+    return runner(config, resume=resume, console=console, on_step=on_step, resume_force=resume_force)
 
 
 __all__ = ["PIPELINES", "RunResult", "run_pipeline"]

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
-import ray
 from rich.console import Console
 
 from raylign.algorithms.adversarial import mc_prefix_values
@@ -94,7 +93,7 @@ class AdversarialGame:
     def start(self, state, run, checkpoint: Path | None) -> None:
         """Restore D and the replay buffer from `checkpoint`, or warm D up on the initial policy."""
         if checkpoint is not None:
-            ray.get([w.load_discriminator.remote(str(checkpoint / DISCRIMINATOR_DIR)) for w in state.reward_group.workers])
+            state.reward_group.call("load_discriminator", str(checkpoint / DISCRIMINATOR_DIR))
             saved = json.loads((checkpoint / ADVERSARIAL_STATE).read_text())
             self.replay.extend((p, t) for p, t in saved["replay"])
             self.accuracies, self.warned = saved["accuracies"], saved["warned"]
@@ -133,7 +132,7 @@ class AdversarialGame:
                 # One sequence of ids decodes to one string.
                 texts.append(cast(str, self.tokenizer.decode(ids, skip_special_tokens=True)).strip())
             row_prompts = [prompts[prefixes[k // n][0]] for k in range(len(texts))]
-            scores = merge_scores(ray.get(state.score_async(row_prompts, texts)))["total"]
+            scores = merge_scores(state.reward_group.get(state.score_async(row_prompts, texts), "score"))["total"]
             return [scores[k * n : (k + 1) * n].tolist() for k in range(len(prefixes))]
 
         values = mc_prefix_values(responses, totals.tolist(), rollout_rewards, self.adv.mc_rollouts)
@@ -152,12 +151,15 @@ class AdversarialGame:
         return out
 
     def save(self, state, path: Path) -> None:
-        ray.get(state.reward_group.workers[0].save_discriminator.remote(str(path / DISCRIMINATOR_DIR)))
+        state.reward_group.get([state.reward_group.workers[0].save_discriminator.remote(str(path / DISCRIMINATOR_DIR))],
+                               "save_discriminator")
         (path / ADVERSARIAL_STATE).write_text(json.dumps(
             {"replay": list(self.replay), "accuracies": self.accuracies, "warned": self.warned}))
 
     def finish(self, state, run) -> None:
-        ray.get(state.reward_group.workers[0].save_discriminator.remote(str(run.final / DISCRIMINATOR_DIR)))
+        state.reward_group.get(
+            [state.reward_group.workers[0].save_discriminator.remote(str(run.final / DISCRIMINATOR_DIR))],
+            "save_discriminator")
 
     # ---- helpers -------------------------------------------------------------------------------
     def _update_d(self, state, draws: np.random.Generator, prompts: list[Any], texts: list[str],
@@ -177,8 +179,7 @@ class AdversarialGame:
                                                               replace=len(fresh) > len(self.human_texts))]
         args = {"human_prompts": human_prompts, "human_texts": human, "steps": self.adv.d_steps,
                 "fresh": len(fresh), "max_accuracy": ceiling}
-        parts = ray.get([w.update.remote([p for p, _ in policy], [t for _, t in policy], **args)
-                         for w in state.reward_group.workers])
+        parts = state.reward_group.call("update", [p for p, _ in policy], [t for _, t in policy], **args)
         self.replay.extend(fresh)
         prefix = "discriminator/"
         return {k[len(prefix):]: v for k, v in parts[0].items() if k.startswith(prefix)}
@@ -206,8 +207,8 @@ class AdversarialGame:
 
 
 def run_adversarial(config: RunConfig, resume: bool = False, console: Console | None = None,
-                    on_step=None) -> RunResult:
+                    on_step=None, resume_force: bool = False) -> RunResult:
     """`raylign train adversarial`: the online loop with the discriminator game (module docstring)."""
     console = console or Console()
-    return run_online(config, resume=resume, console=console, on_step=on_step,
+    return run_online(config, resume=resume, console=console, on_step=on_step, resume_force=resume_force,
                       game=AdversarialGame(config, console))

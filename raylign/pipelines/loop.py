@@ -31,9 +31,9 @@ from rich.console import Console
 from tqdm.auto import tqdm
 
 from raylign.config import RunConfig
-from raylign.rundir import RunDir, RunResult, read_trainer_state, write_trainer_state
-from raylign.runtime import Purpose, init_ray, rng
-from raylign.workers.group import WorkerGroup
+from raylign.rundir import RunDir, RunResult, is_disk_full, read_trainer_state, write_trainer_state
+from raylign.runtime import NonFiniteError, Purpose, RunStopped, init_ray, rng
+from raylign.workers.group import WorkerGroup, gather
 
 log = logging.getLogger(__name__)
 
@@ -151,15 +151,22 @@ class Algorithm:
         """After `final/` is saved (e.g. save a second player next to it)."""
 
 
-def run_loop(config: RunConfig, algorithm: Algorithm, *, resume: bool = False, on_step: OnStep | None = None) -> RunResult:
+def run_loop(config: RunConfig, algorithm: Algorithm, *, resume: bool = False, resume_force: bool = False,
+             on_step: OnStep | None = None) -> RunResult:
     """Run `algorithm` in a new (or resumed) run directory. `on_step(done, metrics)` is called after
-    each step's metrics are logged and its checkpoint (if any) is committed (Ray Tune reports from it)."""
-    run = RunDir(config, resume=resume)
+    each step's metrics are logged and its checkpoint (if any) is committed (Ray Tune reports from it).
+    `resume_force`: resume even when the config changed what makes the run the same run."""
+    run = RunDir(config, resume=resume, resume_force=resume_force)
     algorithm.console.print(algorithm.describe(run))
     try:
         result = _run(config, algorithm, run, resume, on_step)
-    except BaseException:
+    except BaseException as exc:
         _release(run, algorithm, quiet=True)  # the run's own error is the one the user sees
+        if is_disk_full(exc):
+            last = run.latest_checkpoint()
+            then = (f"the last checkpoint, {last.name}, is intact: free space, then --resume" if last
+                    else "no checkpoint was written yet: free space and start again")
+            raise RunStopped(f"the disk holding {run.path} is full; the run stopped and {then}") from None
         raise
     _release(run, algorithm, quiet=False)
     return result
@@ -168,6 +175,7 @@ def run_loop(config: RunConfig, algorithm: Algorithm, *, resume: bool = False, o
 def _run(config: RunConfig, algorithm: Algorithm, run: RunDir, resume: bool, on_step: OnStep | None) -> RunResult:
     init_ray(config.resources.ray_address)
     algorithm.start(run)
+    wait_ready([slot.group for slot in algorithm.learners] + algorithm.groups)
     for slot in algorithm.learners:
         addr, port = slot.group.call("master_address")[0]
         slot.group.call("setup_distributed", addr, port)
@@ -195,13 +203,15 @@ def _run(config: RunConfig, algorithm: Algorithm, run: RunDir, resume: bool, on_
 
 def _release(run: RunDir, algorithm: Algorithm, quiet: bool) -> None:
     """Close the run directory and release every group; with `quiet`, errors on the way are logged
-    rather than raised (an error is already propagating)."""
+    rather than raised (an error is already propagating), and the learners are killed without the
+    collective goodbye (a learner may be dead, its peers stuck waiting for it)."""
     errors = []
     try:
         run.close()
+        run.remove_partial_checkpoints()
     except BaseException as exc:  # noqa: BLE001 - release the actors whatever happens
         errors.append(exc)
-    errors += shutdown_groups(algorithm)
+    errors += shutdown_groups(algorithm, graceful=not quiet)
     if errors and quiet:
         for err in errors:
             log.warning("while releasing the run's resources: %r", err)
@@ -214,10 +224,23 @@ def _train(config: RunConfig, algorithm: Algorithm, run: RunDir, start: int, on_
     bar = tqdm(range(start, total), desc=algorithm.name, disable=not config.progress, initial=start, total=total,
                unit="step")
     metrics: dict[str, Any] = {}
+    skipped = 0.0
     for step in bar:
         timer = PhaseTimer()
-        metrics = algorithm.step(step, timer)
+        try:
+            metrics = algorithm.step(step, timer)
+        except NonFiniteError as exc:
+            last = run.latest_checkpoint()
+            raise NonFiniteError(
+                f"step {step + 1}: {exc} (train.on_nonfinite=stop); nothing of this step was saved"
+                f"{f', the last checkpoint is {last.name}' if last else ''}. Lower train.lr (or "
+                "train.max_grad_norm) and start again, or set train.on_nonfinite=skip_step to skip such steps") from None
         metrics.update(timer.metrics())
+        now_skipped = sum(v for k, v in metrics.items() if k.endswith("skipped_steps") and v)
+        if now_skipped and not skipped:
+            tqdm.write(f"raylign: step {step + 1}: a non-finite loss or gradient norm; that optimizer step was "
+                       "skipped (train.on_nonfinite=skip_step; counted in */skipped_steps)")
+        skipped += now_skipped
         done = step + 1
         if algorithm.eval_due(done):
             metrics.update(algorithm.evaluate(done))
@@ -231,22 +254,39 @@ def _train(config: RunConfig, algorithm: Algorithm, run: RunDir, start: int, on_
     return metrics
 
 
+def wait_ready(groups: list[WorkerGroup]) -> None:
+    """Wait for every actor's constructor, all groups at once, with no call timeout (loading a model
+    may take long); from then on a call that hangs is the call's fault. A constructor error surfaces
+    here naming the actor."""
+    refs, labels = [], []
+    for group in groups:
+        ready = group.ready_async()
+        refs += ready
+        labels += [f"{group.name}[{rank}].__init__" for rank in range(len(ready))]
+    gather(refs, labels)
+
+
 def save_checkpoint(algorithm: Algorithm, run: RunDir, step: int) -> Path:
     """Every learner's state and the algorithm's into a temp dir, renamed to checkpoints/step_<n>."""
     tmp = run.begin_checkpoint(step)
-    extra = algorithm.save_state(tmp)
-    for slot in algorithm.learners:
-        slot.group.call("save_checkpoint", str(tmp / slot.subdir), with_model_dir=slot.model_dir)
-    write_trainer_state(tmp, {"step": step, **extra})
-    return run.commit_checkpoint(step, tmp)
+    try:
+        extra = algorithm.save_state(tmp)
+        for slot in algorithm.learners:
+            slot.group.call("save_checkpoint", str(tmp / slot.subdir), with_model_dir=slot.model_dir)
+        write_trainer_state(tmp, {"step": step, **extra})
+        return run.commit_checkpoint(step, tmp)
+    finally:
+        run.remove_partial_checkpoints()  # a half-written checkpoint (disk full, a dead learner) goes
 
 
-def shutdown_groups(algorithm: Algorithm) -> list[BaseException]:
-    """Release every actor and placement group, whatever fails on the way; returns what failed."""
+def shutdown_groups(algorithm: Algorithm, graceful: bool = True) -> list[BaseException]:
+    """Release every actor and placement group, whatever fails on the way; returns what failed.
+    `graceful`: the learners first leave their process group (skipped on an error path)."""
     errors: list[BaseException] = []
     for slot in algorithm.learners:
         try:
-            slot.group.call("shutdown")  # leave the process group cleanly
+            if graceful:
+                slot.group.call("shutdown")  # leave the process group cleanly
         except BaseException as exc:  # noqa: BLE001 - keep releasing the rest
             errors.append(exc)
         finally:

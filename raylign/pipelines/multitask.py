@@ -28,6 +28,7 @@ from raylign.pipelines.offline import (
     collate,
     encode_pair_rows,
     encode_sft_rows,
+    reference_identity,
 )
 from raylign.rundir import RunDir, RunResult
 from raylign.workers.group import WorkerGroup
@@ -162,7 +163,8 @@ class MultiTaskTraining(Algorithm):
     def start(self, run: RunDir) -> None:
         r = self.config.resources
         self.group = WorkerGroup(MultiTaskLearner, r.learners, r.cpus_per_learner, r.gpus_per_learner,
-                                 name="multitask-learners", init_kwargs={"config": self.config})
+                                 name="multitask-learners", init_kwargs={"config": self.config},
+                                 actor_name_prefix=f"{run.actor_prefix}-learner", call_timeout_s=r.call_timeout_s)
         self.learners = [LearnerSlot(self.group)]
 
     def prepare(self, run: RunDir) -> None:
@@ -171,7 +173,7 @@ class MultiTaskTraining(Algorithm):
         if pref and self.config.preference.precompute_ref_logps:
             splits = {f"{td.name}/{part}": rows for td in pref for part, rows in (("train", td.train), ("val", td.val))}
             attach_reference_logps(self.learner_group, run, splits, self.pad_id, self.config.train.micro_batch_size,
-                                   self.console, self.config.progress)
+                                   self.console, self.config.progress, reference=reference_identity(self.config))
 
     def load_state(self, checkpoint: Path, state: dict[str, Any]) -> None:
         self.start_eval, self.smoothed = state["start_eval"], state["smoothed"]
@@ -198,7 +200,8 @@ class MultiTaskTraining(Algorithm):
             parts = self.learner_group.call_sharded_dict("multitask_train_step", batches, units,
                                                          dict(zip(self.names, active, strict=True)))
         info = parts[0]["info"]
-        metrics: dict[str, Any] = {"train/grad_norm": info["grad_norm"], "train/lr": info["lr"]}
+        metrics: dict[str, Any] = {"train/grad_norm": info["grad_norm"], "train/lr": info["lr"],
+                                   "train/skipped_steps": info["skipped_step"]}
         for td, on in zip(self.data, active, strict=True):
             metrics[f"train/{td.name}/weight"] = info[f"{td.name}/weight"]
             metrics[f"train/{td.name}/active"] = float(on)
@@ -256,7 +259,7 @@ class MultiTaskTraining(Algorithm):
 
 
 def run_multitask(config: RunConfig, resume: bool = False, console: Console | None = None,
-                  on_step: OnStep | None = None) -> RunResult:
+                  on_step: OnStep | None = None, resume_force: bool = False) -> RunResult:
     from raylign.models import load_tokenizer
 
     console = console or Console()
@@ -264,4 +267,4 @@ def run_multitask(config: RunConfig, resume: bool = False, console: Console | No
     tokenizer = load_tokenizer(config.model.path)
     data, rating_stats = _load_tasks(config, tokenizer, console)
     algorithm = MultiTaskTraining(config, console, data, rating_stats, tokenizer.pad_token_id)
-    return run_loop(config, algorithm, resume=resume, on_step=on_step)
+    return run_loop(config, algorithm, resume=resume, resume_force=resume_force, on_step=on_step)

@@ -114,13 +114,27 @@ def evaluate_sums(group: WorkerGroup, method: str, rows: list[dict], pad_id: int
     return totals
 
 
+def reference_identity(config: RunConfig) -> dict[str, Any]:
+    """The model the learners compute reference log-probs with: `reference`, else the policy's own
+    model without its adapter (learner `_load_reference`)."""
+    ref = config.reference or config.model.model_copy(update={"lora": None, "gradient_checkpointing": False})
+    return ref.model_dump(mode="json")
+
+
+def reference_cache_name(splits: dict[str, list[dict]], reference: dict[str, Any] | None) -> str:
+    """`ref_logps_<fingerprint>.npz`, keyed by the token ids of every split and the reference model's
+    identity: a resumed run with other data or another reference computes its log-probs afresh."""
+    fingerprint = hashlib.sha256(json.dumps({
+        "reference": reference, "data": [[s["input_ids"] for e in rows for s in e["seqs"]] for rows in splits.values()],
+    }, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{REFERENCE_CACHE_PREFIX}{fingerprint}.npz"
+
+
 def attach_reference_logps(group: WorkerGroup, run: RunDir, splits: dict[str, list[dict]], pad_id: int,
-                           micro: int, console: Console, progress: bool = True) -> None:
+                           micro: int, console: Console, progress: bool = True,
+                           reference: dict[str, Any] | None = None) -> None:
     """One pass of the reference over every example, cached in the run directory (reused on resume)."""
-    fingerprint = hashlib.sha256(
-        json.dumps([[s["input_ids"] for e in rows for s in e["seqs"]] for rows in splits.values()]).encode()
-    ).hexdigest()[:16]
-    cache = run.path / f"{REFERENCE_CACHE_PREFIX}{fingerprint}.npz"
+    cache = run.path / reference_cache_name(splits, reference)
     cached: Any
     if cache.exists():
         cached = np.load(cache)
@@ -166,13 +180,15 @@ class OfflineTraining(Algorithm):
     def start(self, run: RunDir) -> None:
         r = self.config.resources
         self.group = WorkerGroup(LearnerWorker, r.learners, r.cpus_per_learner, r.gpus_per_learner, name="learners",
-                                 init_kwargs={"config": self.config, "objective": self.objective})
+                                 init_kwargs={"config": self.config, "objective": self.objective},
+                                 actor_name_prefix=f"{run.actor_prefix}-learner", call_timeout_s=r.call_timeout_s)
         self.learners = [LearnerSlot(self.group)]
 
     def prepare(self, run: RunDir) -> None:
         if self.objective in NEEDS_REFERENCE and self.config.preference.precompute_ref_logps:
             attach_reference_logps(self.learner_group, run, {"train": self.train, "val": self.val}, self.pad_id,
-                                   self.config.train.micro_batch_size, self.console, self.config.progress)
+                                   self.config.train.micro_batch_size, self.console, self.config.progress,
+                                   reference=reference_identity(self.config))
 
     def begin(self, run: RunDir, start: int, checkpoint: Path | None) -> None:
         if start == 0 and self.config.train.eval_every and self.val:
@@ -189,6 +205,7 @@ class OfflineTraining(Algorithm):
         metrics = summarize_sums(self.objective, sum_parts(shards), "train")
         metrics.update({
             "train/grad_norm": shards[0]["grad_norm"], "train/lr": shards[0]["lr"],
+            "train/skipped_steps": shards[0]["skipped_step"],
             "perf/examples_per_second": len(idx) / seconds,
             "perf/tokens_per_second": float(batch["attention_mask"].sum()) / seconds,
         })
@@ -215,7 +232,7 @@ class OfflineTraining(Algorithm):
 
 
 def run_offline(config: RunConfig, resume: bool = False, console: Console | None = None,
-                on_step: OnStep | None = None) -> RunResult:
+                on_step: OnStep | None = None, resume_force: bool = False) -> RunResult:
     """Train `config.algorithm` offline. `on_step(step, metrics)` is called after each step's metrics are
     logged and its checkpoint (if any) is written (Ray Tune reports from it)."""
     from raylign.data import load_split
@@ -241,4 +258,4 @@ def run_offline(config: RunConfig, resume: bool = False, console: Console | None
             f"{config.data.train}: {len(train)} training examples, fewer than train.batch_size={t.batch_size}"
         )
     algorithm = OfflineTraining(config, console, objective, train, val, tokenizer.pad_token_id)
-    return run_loop(config, algorithm, resume=resume, on_step=on_step)
+    return run_loop(config, algorithm, resume=resume, resume_force=resume_force, on_step=on_step)

@@ -191,9 +191,11 @@ class OnlineRL(Algorithm):
     def start(self, run: RunDir) -> None:
         self.run = run
         config, r = self.config, self.config.resources
-        prefix = f"raylign-{run.name}"
+        prefix = run.actor_prefix
+        timeout = r.call_timeout_s
         self.policy = WorkerGroup(
             LearnerWorker, r.learners, r.cpus_per_learner, r.gpus_per_learner, name="policy", threads=r.threads,
+            call_timeout_s=timeout,
             actor_name_prefix=f"{prefix}-policy", init_kwargs={"config": config, "objective": "policy"})
         self.learners.append(LearnerSlot(self.policy))
         if self.algorithm == "ppo":
@@ -202,12 +204,13 @@ class OnlineRL(Algorithm):
             critic_cfg.train.lr = config.rl.critic_lr or config.train.lr
             self.critic = WorkerGroup(
                 LearnerWorker, r.learners, r.cpus_per_learner, r.gpus_per_learner, name="critic",
-                threads=r.threads, actor_name_prefix=f"{prefix}-critic",
+                threads=r.threads, actor_name_prefix=f"{prefix}-critic", call_timeout_s=timeout,
                 init_kwargs={"config": critic_cfg, "objective": "value"})
             self.learners.append(LearnerSlot(self.critic, CRITIC_DIR, model_dir=False, final=False))
         self.rollout = WorkerGroup(
             RolloutWorker, r.rollout_workers, r.cpus_per_rollout_worker, r.gpus_per_rollout_worker, name="rollout",
             threads=r.threads, max_restarts=ROLLOUT_RESTARTS, actor_name_prefix=f"{prefix}-rollout",
+            call_timeout_s=timeout,
             init_kwargs={"model": config.model, "seed": config.seed,
                          "apply_chat_template": config.data.apply_chat_template,
                          "reference": config.rollout.reference_on_workers})
@@ -220,7 +223,7 @@ class OnlineRL(Algorithm):
             # A restarted actor would come back with the initial discriminator: the run stops instead
             # (and `--resume` continues from the last checkpoint, D included).
             max_restarts=0 if config.algorithm == "adversarial" else ROLLOUT_RESTARTS,
-            actor_name_prefix=f"{prefix}-reward", init_kwargs=reward_kwargs)
+            actor_name_prefix=f"{prefix}-reward", init_kwargs=reward_kwargs, call_timeout_s=timeout)
         self.groups.append(self.reward)
 
     @property
@@ -250,12 +253,12 @@ class OnlineRL(Algorithm):
                 for w, part, offset in busy]
         return refs, [offset for _, _, offset in busy]
 
-    @staticmethod
-    def collect(pending: Pending) -> dict[str, Any]:
+    def collect(self, pending: Pending) -> dict[str, Any]:
         if isinstance(pending, dict):  # restored from a checkpoint
             return pending
+        assert self.rollout is not None, "start() first"
         refs, offsets = pending
-        return merge_rollouts(ray.get(refs), offsets)
+        return merge_rollouts(self.rollout.get(refs, "generate"), offsets)
 
     def generate(self, prompts: list[Any], sampling: RolloutConfig, *, step: int, purpose: Purpose,
                  version: int) -> dict[str, Any]:
@@ -362,14 +365,14 @@ class OnlineRL(Algorithm):
         several_updates = rl.epochs * self.minibatches > 1
         prox_refs = self.token_logps(batch, reference=False) if ro.overlap and several_updates else []
         with timer.phase("score"):
-            scores = merge_scores(ray.get(score_refs))
+            scores = merge_scores(self.reward_group.get(score_refs, "score"))
         with timer.phase("reference"):
             if ref_refs:
-                batch["ref_logps"] = np.concatenate(ray.get(ref_refs))
+                batch["ref_logps"] = np.concatenate(self.policy_group.get(ref_refs, "rl_token_logps"))
             if prox_refs:
-                batch["prox_logps"] = np.concatenate(ray.get(prox_refs))
+                batch["prox_logps"] = np.concatenate(self.policy_group.get(prox_refs, "rl_token_logps"))
         with timer.phase("values"):
-            values = np.concatenate(ray.get(value_refs)) if value_refs else None
+            values = np.concatenate(self.critic.get(value_refs, "values")) if self.critic and value_refs else None
         with timer.phase("advantages"):
             prefix_values = None
             if self.game is not None:
@@ -395,9 +398,9 @@ class OnlineRL(Algorithm):
                     refs = self.policy_group.call_sharded_async("train_step", mb, global_units=units,
                                                                 hparams={"kl_coef": kl_coef})
                     crefs = self.critic.call_sharded_async("train_step", mb, global_units=units) if self.critic else []
-                    policy_sums.append(combine_ranks(ray.get(refs)))
-                    if crefs:
-                        critic_sums.append(combine_ranks(ray.get(crefs)))
+                    policy_sums.append(combine_ranks(self.policy_group.get(refs, "train_step")))
+                    if self.critic is not None and crefs:
+                        critic_sums.append(combine_ranks(self.critic.get(crefs, "train_step")))
 
         self.kl_ctl.update(adv_metrics["kl/seq_mean"], n)
         metrics = step_metrics(batch, scores, rollouts, policy_sums, critic_sums)
@@ -431,9 +434,10 @@ class OnlineRL(Algorithm):
         # The same seed key for every evaluation (step 0): before/after differ only by the weights.
         out = self.generate(prompts, sampling, step=0, purpose=Purpose.EVAL, version=step)
         repeated = [prompts[i] for i in out["group_ids"]]
-        scores = merge_scores(ray.get(self.score_async(repeated, out["texts"])))
+        scores = merge_scores(self.reward_group.get(self.score_async(repeated, out["texts"]), "score"))
         batch = training_batch(out, self.pad_id)
-        pol, ref = (np.concatenate(ray.get(self.token_logps(batch, reference=r))) for r in (False, True))
+        pol, ref = (np.concatenate(self.policy_group.get(self.token_logps(batch, reference=r), "rl_token_logps"))
+                    for r in (False, True))
         mask = batch["loss_mask"].astype(bool)
         seq_kl = np.where(mask, pol - ref, 0.0).sum(-1)
         metrics = {"eval/reward": float(scores["total"].mean()), "eval/kl": float(seq_kl.mean()),
@@ -466,12 +470,12 @@ def step_metrics(batch: dict[str, np.ndarray], scores: dict[str, Any], rollouts:
 
 def run_online(config: RunConfig, resume: bool = False, console: Console | None = None,
                eval_samples: dict[str, Any] | None = None, on_step: OnStep | None = None,
-               game: Any = None) -> RunResult:
+               game: Any = None, resume_force: bool = False) -> RunResult:
     """Train `config.algorithm` online (module docstring; `OnlineRL` for `eval_samples` and `game`).
     `on_step(step, metrics)` is called after each step's metrics are logged and its checkpoint (if any)
     is written (Ray Tune reports from it)."""
     from raylign.data import format_prompt, load_split
-    from raylign.models import load_tokenizer
+    from raylign.models import context_length, load_tokenizer
     from raylign.rewards import check_reward_specs
 
     console = console or Console()
@@ -479,6 +483,7 @@ def run_online(config: RunConfig, resume: bool = False, console: Console | None 
     if config.reward.sources or game is None:  # an adversarial run may have D as its only reward
         check_reward_specs(config.reward)
     tokenizer = load_tokenizer(config.model.path)
+    check_context(config, context_length(config.model))
     train_table, val_table = load_split(config.data)
 
     def fits(prompt: Any) -> bool:
@@ -497,10 +502,19 @@ def run_online(config: RunConfig, resume: bool = False, console: Console | None 
     if game is not None:
         game.prepare(train_table.take(kept), tokenizer, console)
     algorithm = OnlineRL(config, console, train, held_out, tokenizer.pad_token_id, game, eval_samples)
-    return run_loop(config, algorithm, resume=resume, on_step=on_step)
+    return run_loop(config, algorithm, resume=resume, resume_force=resume_force, on_step=on_step)
 
 
 # ---- checks and checkpoints ----------------------------------------------------------------------
+
+
+def check_context(config: RunConfig, context: int | None) -> None:
+    """A kept prompt (at most data.max_prompt_length tokens) plus its completion must fit the model."""
+    prompt, new = config.data.max_prompt_length, config.rollout.max_new_tokens
+    if context is not None and prompt + new > context:
+        raise ConfigError(
+            f"data.max_prompt_length ({prompt}) + rollout.max_new_tokens ({new}) = {prompt + new} tokens, more "
+            f"than the {context} positions {config.model.path} attends over; lower one of them")
 
 
 def check_online_config(config: RunConfig, n_prompts: int) -> None:

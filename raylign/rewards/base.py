@@ -104,7 +104,9 @@ class WeightedMix(RewardSource):
 
     def score_components(self, prompts: Sequence[Any], completions: Sequence[str]) -> dict[str, np.ndarray]:
         prompts = check_batch(prompts, completions)
-        return {key: as_scores(source.score(prompts, completions), len(completions), key)
+        # Every source is held to one finite number per completion: a NaN reward would reach the
+        # advantages and the loss, and the run would then stop far from its cause.
+        return {key: as_scores(source.score(prompts, completions), len(completions), key, finite=True)
                 for key, source in zip(self.keys, self.sources, strict=True)}
 
     def score_with_components(

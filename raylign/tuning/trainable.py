@@ -8,12 +8,13 @@ so one `tensorboard --logdir <sweep dir>` shows every trial. Each report carries
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 from raylign.config import RunConfig, load_config
-from raylign.rundir import CHECKPOINT_PREFIX, CHECKPOINTS_DIR, read_metrics, read_trainer_state
+from raylign.rundir import CHECKPOINT_PREFIX, CHECKPOINTS_DIR, fsync_tree, read_metrics, read_trainer_state
 from raylign.tuning.objective import alignment_objective
 from raylign.tuning.spec import TuneSpec, override_item
 
@@ -31,16 +32,30 @@ def trial_config(spec: TuneSpec, params: dict[str, Any], trial_dir: Path) -> Run
 
 
 def _place_checkpoint(src: Path, run_path: Path) -> int:
-    """Put a Tune checkpoint back as the run's only checkpoint; returns its step."""
+    """Put a Tune checkpoint back as the run's only checkpoint; returns its step.
+
+    Atomic like the loop's own checkpoints: copied next to its place as `.tmp_step_<n>`, fsynced, then
+    renamed, so a trial killed mid-copy leaves a partial dir that the next start deletes, never a
+    `step_<n>` that resume would trust. It always replaces a same-step dir (a PBT exploit brings another
+    trial's weights at a step this one also reached)."""
     step = int(read_trainer_state(src)["step"])
     ckpts = run_path / CHECKPOINTS_DIR
-    if ckpts.exists():
-        for old in ckpts.glob(f"{CHECKPOINT_PREFIX}*"):
-            if old.name != f"{CHECKPOINT_PREFIX}{step}":
-                shutil.rmtree(old, ignore_errors=True)
+    ckpts.mkdir(parents=True, exist_ok=True)
     target = ckpts / f"{CHECKPOINT_PREFIX}{step}"
-    if not target.exists():
-        shutil.copytree(src, target)
+    tmp = ckpts / f".tmp_{CHECKPOINT_PREFIX}{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    fsync_tree(tmp)
+    if target.exists():
+        stale = ckpts / f".tmp_{CHECKPOINT_PREFIX}{step}.old"
+        os.replace(target, stale)
+        os.replace(tmp, target)
+        shutil.rmtree(stale, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+    for old in ckpts.glob(f"{CHECKPOINT_PREFIX}*"):
+        if old.name != target.name:
+            shutil.rmtree(old, ignore_errors=True)
     return step
 
 
@@ -78,7 +93,8 @@ def raylign_trainable(params: dict[str, Any], spec: dict[str, Any]) -> None:
             ckpt_dir = run_path / CHECKPOINTS_DIR / f"{CHECKPOINT_PREFIX}{step}"
             report(step, metrics, ckpt_dir if ckpt_dir.exists() else None)
 
-    result = run_pipeline(config, resume=resume, console=Console(quiet=True), on_step=on_step)
+    # resume_force: the sweep owns the trial's config (a PBT exploit may change any searched key).
+    result = run_pipeline(config, resume=resume, resume_force=True, console=Console(quiet=True), on_step=on_step)
     final: dict[str, Any] = {}
     for row in read_metrics(result.run_dir):
         if row.get("step") == result.steps:

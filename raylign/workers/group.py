@@ -3,15 +3,18 @@
 
 from __future__ import annotations
 
+import time
 import uuid
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from raylign.runtime import ResourceError
+from raylign.runtime import ResourceError, RunStopped
 
 if TYPE_CHECKING:
     from ray.actor import ActorClass
@@ -26,6 +29,57 @@ def shard_batch(batch: dict[str, Any], n: int) -> list[dict[str, Any]]:
     (size,) = sizes
     bounds = np.cumsum([0] + [len(part) for part in np.array_split(np.arange(size), n)])
     return [{k: v[bounds[i] : bounds[i + 1]] for k, v in batch.items()} for i in range(n)]
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors an actor raises for the user to fix (their message is the whole story)."""
+    from raylign.config import ConfigError
+    from raylign.data.schema import DataError
+    from raylign.models.errors import ModelNotFoundError
+    from raylign.rewards.base import RewardSourceError
+
+    return (RunStopped, ConfigError, DataError, ModelNotFoundError, RewardSourceError, ResourceError)
+
+
+def gather(refs: Sequence[ray.ObjectRef], labels: Sequence[str], timeout_s: float | None = None) -> list[Any]:
+    """`ray.get(refs)` that fails fast: the first failed call raises at once (a dead actor is not
+    hidden behind a live one waiting for it in a collective), a call still running after `timeout_s`
+    raises `RunStopped` naming it, and a user error raised inside an actor surfaces as itself, without
+    the remote traceback. `labels[i]` names call i ("learners[1].train_step")."""
+    refs = list(refs)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    pending = list(refs)
+    while pending:
+        remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+        ready, pending = ray.wait(pending, num_returns=1, timeout=remaining)
+        if not ready:
+            late = ", ".join(labels[refs.index(r)] for r in pending[:4])
+            raise RunStopped(f"{late} did not return within resources.call_timeout_s={timeout_s:g}s; the run "
+                             "stopped (resume from the last checkpoint after fixing the hung call, or raise "
+                             "the timeout)")
+        _raise_if_failed(ready[0], labels[refs.index(ready[0])])
+    return ray.get(refs)
+
+
+def _raise_if_failed(ref: ray.ObjectRef, label: str) -> None:
+    try:
+        ray.get(ref, timeout=0)
+    except RayTaskError as exc:
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, _user_errors()):
+            raise cause from None
+        raise
+    except RayActorError as exc:
+        raise RunStopped(f"{label}: the worker died ({type(exc).__name__}: {_first_line(exc)}); the run stopped. "
+                         "Look at its log above (out of memory? killed?), then --resume from the last "
+                         "checkpoint") from None
+    except GetTimeoutError:  # pragma: no cover - ray.wait said it was ready
+        pass
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else ""
 
 
 class WorkerGroup:
@@ -47,10 +101,13 @@ class WorkerGroup:
         init_kwargs: dict[str, Any] | None = None,
         threads: int | None = None,
         actor_name_prefix: str | None = None,
+        call_timeout_s: float | None = None,
     ):
         """`threads`: torch threads per actor (default: its CPU reservation); passed to the actor as its
-        `num_cpus`. `actor_name_prefix`: name the actors `<prefix>-<rank>` (findable with ray.get_actor)."""
+        `num_cpus`. `actor_name_prefix`: name the actors `<prefix>-<rank>` (findable with ray.get_actor).
+        `call_timeout_s`: how long `call`/`get` wait for a remote call before the run stops."""
         self.name = name
+        self.call_timeout_s = call_timeout_s
         bundle = {"CPU": num_cpus} | ({"GPU": num_gpus} if num_gpus else {})
         # Unique: several runs share one cluster (Ray Tune trials), and placement group names must differ.
         pg_name = f"{name}-{uuid.uuid4().hex[:8]}"
@@ -84,11 +141,21 @@ class WorkerGroup:
     def __len__(self) -> int:
         return len(self.workers)
 
+    def ready_async(self) -> list[ray.ObjectRef]:
+        """One ref per actor that resolves when its constructor has finished (a model loaded)."""
+        return [w.__ray_ready__.remote() for w in self.workers]
+
     def call_async(self, method: str, *args: Any, **kwargs: Any) -> list[ray.ObjectRef]:
         return [getattr(w, method).remote(*args, **kwargs) for w in self.workers]
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
-        return ray.get(self.call_async(method, *args, **kwargs))
+        return self.get(self.call_async(method, *args, **kwargs), method)
+
+    def get(self, refs: Sequence[ray.ObjectRef], method: str, ranks: Sequence[int] | None = None) -> list[Any]:
+        """The results of `method` called on this group's actors (`ranks`, default all, in order):
+        `gather` under this group's call timeout, failures named `<group>[rank].<method>`."""
+        ranks = list(range(len(refs))) if ranks is None else list(ranks)
+        return gather(refs, [f"{self.name}[{r}].{method}" for r in ranks], self.call_timeout_s)
 
     def call_sharded_async(self, method: str, batch: dict[str, np.ndarray], **kwargs: Any) -> list[ray.ObjectRef]:
         """Shard `batch` across the actors (rank r gets shard r) and call `method(shard, **kwargs)` on each."""
@@ -96,7 +163,7 @@ class WorkerGroup:
         return [getattr(w, method).remote(shard, **kwargs) for w, shard in zip(self.workers, shards, strict=True)]
 
     def call_sharded(self, method: str, batch: dict[str, np.ndarray], **kwargs: Any) -> list[Any]:
-        return ray.get(self.call_sharded_async(method, batch, **kwargs))
+        return self.get(self.call_sharded_async(method, batch, **kwargs), method)
 
     def call_sharded_dict(self, method: str, batches: dict[str, dict[str, np.ndarray]], *args: Any) -> list[Any]:
         """Shard each named batch (a multi-task step's task batches) across the actors; rank r gets
@@ -104,7 +171,7 @@ class WorkerGroup:
         shards = {name: shard_batch(b, len(self.workers)) for name, b in batches.items()}
         refs = [getattr(w, method).remote({name: s[r] for name, s in shards.items()}, *args)
                 for r, w in enumerate(self.workers)]
-        return ray.get(refs)
+        return self.get(refs, method)
 
     def shutdown(self) -> None:
         for w in self.workers:

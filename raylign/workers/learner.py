@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -19,7 +19,14 @@ from torch.optim.lr_scheduler import LRScheduler
 from raylign.algorithms.logprobs import response_start, rl_logits, sequence_logps, token_logps
 from raylign.config import RunConfig, as_section
 from raylign.rundir import LEARNER_INFO, MODEL_DIR, OPTIMIZER_STATE, RNG_STATE, TRAINABLE_WEIGHTS
-from raylign.runtime import Purpose, cpu_threads, derive_seed, quiet_libraries, seed_everything
+from raylign.runtime import (
+    NonFiniteError,
+    Purpose,
+    cpu_threads,
+    derive_seed,
+    quiet_libraries,
+    seed_everything,
+)
 from raylign.workers.objectives import (
     MODEL_KIND,
     NEEDS_REFERENCE,
@@ -38,6 +45,11 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
         return s.getsockname()[1]
+
+
+def first_nonfinite(values: dict[str, float]) -> str | None:
+    """The name of the first NaN/inf value among a step's metric sums and gradient norm, or None."""
+    return next((k for k, v in values.items() if isinstance(v, float) and not np.isfinite(v)), None)
 
 
 def micro_batches(batch: dict[str, np.ndarray], size: int, sort: bool = True) -> list[dict[str, torch.Tensor]]:
@@ -228,18 +240,38 @@ class LearnerWorker:
                 (loss_sum * scale).backward()
             for k, v in mb_sums.items():
                 sums[k] = sums.get(k, 0.0) + v
-        grad_norm = 0.0
-        if self.config.train.max_grad_norm:
-            grad_norm = float(
-                torch.nn.utils.clip_grad_norm_(
-                    [p for p in self.model.parameters() if p.requires_grad], self.config.train.max_grad_norm
-                )
-            )
-        self.optimizer.step()
+        return self.optimizer_step([p for p in self.model.parameters() if p.requires_grad], sums)
+
+    def optimizer_step(self, params: Sequence[torch.Tensor], sums: dict[str, float]) -> dict[str, float]:
+        """Clip, check and step: `sums` gains grad_norm, lr and skipped_step (1.0 when skipped).
+
+        A NaN/inf among this rank's sums or the gradient norm (equal on every rank: DDP has averaged
+        the gradients, so one rank's NaN reaches all) never reaches the weights: under
+        `train.on_nonfinite=stop` it raises `NonFiniteError` (the driver adds the step), under
+        `skip_step` the optimizer step is skipped and the scheduler still advances, so the learning-rate
+        schedule stays tied to the step count."""
+        assert self.optimizer is not None and self.scheduler is not None, "setup_optimizer first"
+        max_norm = self.config.train.max_grad_norm
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm) if max_norm
+                          else torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+        bad = first_nonfinite({**sums, "grad_norm": grad_norm})
+        if bad is not None and self.config.train.on_nonfinite == "stop":
+            value = grad_norm if bad == "grad_norm" else sums[bad]
+            raise NonFiniteError(f"{bad} is {value} on learner {self.rank}")
+        if bad is None:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         sums["grad_norm"] = grad_norm
         sums["lr"] = cast(float, self.scheduler.get_last_lr()[0])  # a float (AdamW's lr); torch allows a Tensor
+        sums["skipped_step"] = float(bad is not None)
         return sums
+
+    def check_weights_finite(self) -> None:
+        """Refuse to write non-finite weights anywhere (checkpoints, final/)."""
+        bad = [n for n, p in self.model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+        if bad:
+            raise NonFiniteError(f"{len(bad)} trainable tensor(s) hold NaN/inf (e.g. {bad[0]}); nothing was saved")
 
     @torch.no_grad()
     def eval_step(self, shard: dict[str, np.ndarray]) -> dict[str, float]:
@@ -265,6 +297,7 @@ class LearnerWorker:
             return
         from raylign.models import save_model
 
+        self.check_weights_finite()
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
         if with_model_dir:
@@ -295,6 +328,7 @@ class LearnerWorker:
         if self.rank == 0:
             from raylign.models import save_model
 
+            self.check_weights_finite()
             save_model(self.model, self.tokenizer, Path(path), merge_lora=self.config.model.lora is None
                        or self.config.model.lora.merge_on_save)
 

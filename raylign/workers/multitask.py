@@ -204,14 +204,9 @@ class MultiTaskLearner(LearnerWorker):
         if log_vars_grad is not None:
             assert self.weighting.log_vars is not None  # the gradient came from it
             self.weighting.log_vars.grad = log_vars_grad  # ∂L/∂s_i from combine()
-        grad_norm = 0.0
-        if self.config.train.max_grad_norm:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(shared + list(self.heads.parameters()),
-                                                             self.config.train.max_grad_norm))
-        self.optimizer.step()
-        self.scheduler.step()
-        # The scheduler's lrs are floats (AdamW's lr is one); torch types them float | Tensor.
-        info: dict[str, float] = {"grad_norm": grad_norm, "lr": cast(float, self.scheduler.get_last_lr()[0])}
+        task_losses = {f"{name}/loss": float(losses[i]) for i, name in enumerate(self.task_names)}
+        stepped = self.optimizer_step(shared + list(self.heads.parameters()), task_losses)
+        info: dict[str, float] = {k: stepped[k] for k in ("grad_norm", "lr", "skipped_step")}
         for i, name in enumerate(self.task_names):
             info[f"{name}/weight"] = float(weights[i])
             if (task_grad := grads[i]) is not None:

@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -93,46 +92,16 @@ def baselines(tmp_path_factory):
     return get
 
 
-def test_killed_rollout_worker_is_restarted_and_the_step_retried(tmp_path, baselines):
-    import ray
-
-    baseline = baselines()
-    config = _config(tmp_path, "grpo", "faulty", "train.max_steps=6")
-    metrics_file = tmp_path / "runs" / "faulty" / "metrics.jsonl"
-    errors: list[BaseException] = []
-
-    def train():
-        try:
-            run_pipeline(config)
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the test thread
-            errors.append(exc)
-
-    thread = threading.Thread(target=train)
-    thread.start()
-    deadline = time.time() + 120
-    while time.time() < deadline and not (metrics_file.exists() and '"step": 2' in metrics_file.read_text()):
-        time.sleep(0.05)
-    worker = ray.get_actor("raylign-faulty-rollout-0")
-    ray.kill(worker, no_restart=False)  # a crash: Ray restarts the actor and retries its call
-    thread.join(timeout=300)
-    assert not thread.is_alive() and not errors, errors
-    steps = _steps(tmp_path / "runs" / "faulty")
-    assert sorted(steps) == list(range(1, 7))
-    assert all(r["rollout/completions"] == 32 for r in steps.values())  # nothing lost or counted twice
-    # The retried call is seeded like the first one and reloads the step's weights: same samples.
-    for step, row in steps.items():
-        assert row["reward/mean"] == pytest.approx(baseline[step]["reward/mean"], rel=1e-5, abs=1e-6)
-
-
 def _cli(tmp_path, *extra):
     args = [a for a in TINY + SHAPES["grpo"]]
     return [sys.executable, "-m", "raylign.cli", "train", "grpo", *args, f"output.dir={tmp_path}/runs",
             "output.name=resumed", "train.max_steps=6", "output.save_every=2", *extra]
 
 
-@pytest.mark.parametrize("overlap", [False, True], ids=["sequential", "overlap"])
+@pytest.mark.parametrize("overlap", [True], ids=["overlap"])
 def test_resumed_run_matches_the_uninterrupted_one(tmp_path, baselines, overlap):
-    """With rollout.overlap the checkpoint also holds the batch already sampled for the next step."""
+    """With rollout.overlap the checkpoint also holds the batch already sampled for the next step.
+    (Resume without overlap, after a killed learner or a full disk: tests/e2e/test_faults.py.)"""
     baseline = baselines(overlap)
     env = dict(os.environ, RAY_ADDRESS="")  # each CLI run starts its own local Ray
     flag = f"rollout.overlap={str(overlap).lower()}"
