@@ -4,7 +4,7 @@ They make the quickstart and the tests work on a machine with no network and no 
 - `everyday-prompts`: everyday instructions written for this project (packaged JSONL file).
 - `vader-ratings`: the VADER sentiment lexicon's human ratings, read at load time from the installed
   `vaderSentiment` package (ten raters scored each token from -4 to +4; we do not copy the file).
-Add one by registering a loader in `BUILTIN_DATASETS`; it returns the same `RawData` a file reader
+Add one by registering a loader in `BUILTIN_DATASETS`; it returns the same `Reading` a file reader
 does, so builtins are validated exactly like user files.
 """
 
@@ -17,7 +17,7 @@ from importlib import resources
 from typing import NamedTuple
 
 from raylign.data.readers import read_jsonl
-from raylign.data.schema import DataError, RawData, Record
+from raylign.data.schema import DataError, RawData, Reading, Record
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -25,16 +25,15 @@ BUILTIN_PREFIX = "builtin:"
 class BuiltinDataset(NamedTuple):
     kind: str
     description: str
-    loader: Callable[[int | None], RawData]
+    loader: Callable[[int | None], Reading]
 
 
-def load_everyday_prompts(limit: int | None = None) -> RawData:
+def load_everyday_prompts(limit: int | None = None) -> Reading:
     """The packaged prompts file, read with the ordinary JSONL reader (so errors would name its lines)."""
     entry = resources.files("raylign.data") / "builtin" / "everyday_prompts.jsonl"
     with resources.as_file(entry) as path:
-        raw = read_jsonl(str(path), limit)
-    raw.source = "builtin:everyday-prompts"
-    return raw
+        batches = list(read_jsonl(str(path), limit))  # a few hundred lines, read while the file exists
+    return Reading("builtin:everyday-prompts", iter(batches))
 
 
 def vader_lexicon_lines() -> list[str]:
@@ -48,7 +47,7 @@ def vader_lexicon_lines() -> list[str]:
         ) from None
 
 
-def load_vader_ratings(limit: int | None = None) -> RawData:
+def load_vader_ratings(limit: int | None = None) -> Reading:
     """One ratings row per lexicon token: {text, rating: mean, std, ratings: [10 ints]}.
 
     The lexicon lists a few tokens twice; like VADER itself (a dict built line by line), the last
@@ -64,7 +63,7 @@ def load_vader_ratings(limit: int | None = None) -> RawData:
         by_token.pop(token, None)  # re-insert so the row sits where its winning line is
         by_token[token] = Record(f"vader_lexicon.txt:{lineno}", lineno, row)
     records = list(by_token.values())[:limit]
-    return RawData("builtin:vader-ratings", ["text", "rating", "std", "ratings"], records)
+    return RawData("builtin:vader-ratings", ["text", "rating", "std", "ratings"], records).reading()
 
 
 BUILTIN_DATASETS: dict[str, BuiltinDataset] = {
@@ -88,7 +87,7 @@ def list_builtin() -> dict[str, tuple[str, str]]:
     }
 
 
-def read_builtin(path: str, limit: int | None = None) -> tuple[RawData, str]:
+def read_builtin(path: str, limit: int | None = None) -> tuple[Reading, str]:
     """Records of a `builtin:<name>` dataset and its kind; unknown names list the known ones."""
     name = path[len(BUILTIN_PREFIX) :]
     entry = BUILTIN_DATASETS.get(name)

@@ -1,21 +1,27 @@
-"""The five data kinds, their fields, and row validation with file:line error messages.
+"""The five data kinds, their fields, which kinds each algorithm trains on, and the pieces of row
+validation with file:line error messages.
 
-Every reader turns its file into `Record`s (a location string such as `data/pairs.jsonl:17` plus the
-row's values). `validate_records` checks every record against the kind's fields, collects every
-problem, and raises one `DataError` listing them before anything is returned. Training therefore
-never starts on a file that would fail half-way through an epoch.
+Every reader turns its file into `Batch`es of `Record`s (a location string such as
+`data/pairs.jsonl:17` plus the row's values); `raylign.data.dataset` checks every record of every
+batch against the kind's fields, collects every problem, and raises one `DataError` listing them
+before anything is returned. Training therefore never starts on a file that would fail half-way
+through an epoch.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 KINDS = ("prompts", "pairs", "unpaired", "ratings", "text")
 ROLES = ("system", "user", "assistant")
 MAX_ERRORS_SHOWN = 20
+# Problems kept (in file order) for `DataError.errors`; past this they are only counted, so a file
+# that is wrong on every one of its million lines still takes bounded memory to report.
+MAX_ERRORS_KEPT = 10_000
 
 # Field name -> checker name, per kind. "ratings" has two shapes, resolved from the file's columns.
 KIND_FIELDS: dict[str, dict[str, str]] = {
@@ -36,11 +42,13 @@ KIND_NEEDS = {
 
 
 class DataError(ValueError):
-    """A data file the user must fix; `errors` holds every problem, the message shows the first ones."""
+    """A data file the user must fix; `errors` holds the problems in file order (all of them, up to
+    MAX_ERRORS_KEPT), `count` how many there were; the message shows the first ones."""
 
-    def __init__(self, message: str, errors: list[str] | None = None):
+    def __init__(self, message: str, errors: list[str] | None = None, count: int | None = None):
         super().__init__(message)
         self.errors = errors if errors is not None else [message]
+        self.count = count if count is not None else len(self.errors)
 
 
 class Record(NamedTuple):
@@ -52,47 +60,115 @@ class Record(NamedTuple):
 
 
 @dataclass
-class RawData:
-    """What a reader found: records plus the problems that kept some lines from becoming records.
+class Batch:
+    """A run of consecutive rows of a file, as a reader hands them over (at most a few thousand rows
+    or a few MiB of text, so loading a file never holds more than one batch of raw rows).
 
-    `typed` is False for CSV, whose cells are all strings and get converted per field; `table` keeps
-    the original Arrow table of typed sources so extra columns keep their Arrow types.
+    Text formats fill `records` (Python values, CSV cells all strings) and `errors` (lines that did
+    not become records, as `(position, "where: message")`); typed sources (Parquet, Arrow) fill
+    `table` instead, whose rows are `first_row`, `first_row + 1`, ... of the file, and the checker
+    converts only the kind's fields to Python. `columns` are this batch's column names in file order
+    (for JSON, the keys its rows have: a key may first appear in a later batch).
     """
+
+    columns: list[str]
+    records: list[Record] = field(default_factory=list)
+    errors: list[tuple[int, str]] = field(default_factory=list)
+    table: Any = None
+    first_row: int = 0
+
+
+@dataclass
+class Reading:
+    """A source being read: its name for messages, whether its values are typed (False for CSV,
+    whose cells get converted per field), whether its first batch already names every column (a CSV
+    header, an Arrow schema; not JSON, where a key may first appear on any line), and its rows as a
+    lazy iterator of batches."""
+
+    source: str
+    batches: Iterator[Batch]
+    typed: bool = True
+    fixed_columns: bool = False
+
+
+@dataclass
+class RawData:
+    """Records held in memory (the builtin datasets, which are small), readable like a file."""
 
     source: str
     columns: list[str]
     records: list[Record]
     errors: list[tuple[int, str]] = field(default_factory=list)
     typed: bool = True
-    table: Any = None
+
+    def reading(self) -> Reading:
+        batch = Batch(self.columns, self.records, self.errors)
+        return Reading(self.source, iter([batch]), self.typed, fixed_columns=True)
 
 
 class ErrorLog:
-    """Collects problems as `(position, "where: message")` so they can be shown in file order."""
+    """Collects problems as `(position, "where: message")` so they can be shown in file order.
 
-    def __init__(self, source: str):
+    Batches arrive in file order, so keeping the first MAX_ERRORS_KEPT problems of each (sorted)
+    batch keeps the first ones of the file; the rest are counted. A row's `field 'x': missing` is kept
+    apart under its field, because when no row at all has the column it becomes one file-level
+    message instead (`drop_missing`).
+    """
+
+    def __init__(self, source: str, keep: int | None = None):
         self.source = source
+        self.keep = MAX_ERRORS_KEPT if keep is None else keep
         self.items: list[tuple[int, str]] = []
+        self.count = 0
+        self.missing: dict[str, list[tuple[int, str]]] = {}
+        self.missing_count: dict[str, int] = {}
 
     def add(self, pos: int, where: str, message: str) -> None:
-        self.items.append((pos, f"{where}: {message}"))
+        self.extend([(pos, f"{where}: {message}")])
 
     def extend(self, items: list[tuple[int, str]]) -> None:
-        self.items.extend(items)
+        self.count += len(items)
+        room = self.keep - len(self.items)  # file-level problems (position -1) are always kept
+        ordered = sorted(items, key=lambda item: item[0])
+        self.items.extend(item for i, item in enumerate(ordered) if i < room or item[0] < 0)
+
+    def add_missing(self, name: str, pos: int, where: str) -> None:
+        self.missing_count[name] = self.missing_count.get(name, 0) + 1
+        kept = self.missing.setdefault(name, [])
+        if len(kept) < self.keep:
+            kept.append((pos, f"{where}: field '{name}': missing"))
+
+    def drop_missing(self, names: list[str]) -> None:
+        """The columns no row has: their per-row messages give way to one file-level message."""
+        for name in names:
+            self.missing.pop(name, None)
+            self.missing_count.pop(name, None)
+
+    def __bool__(self) -> bool:
+        return bool(self.count or self.missing_count)
 
     def raise_if_any(self) -> None:
-        if self.items:
-            raise data_error(self.source, [msg for _, msg in sorted(self.items, key=lambda item: item[0])])
+        if not self:
+            return
+        items = list(self.items)
+        for kept in self.missing.values():
+            items.extend(kept)
+        items.sort(key=lambda item: item[0])
+        total = self.count + sum(self.missing_count.values())
+        raise data_error(self.source, [msg for _, msg in items[: self.keep]], total=total)
 
 
-def data_error(source: str, errors: list[str], max_shown: int = MAX_ERRORS_SHOWN) -> DataError:
-    """One DataError whose message lists the first `max_shown` problems and counts the rest."""
-    noun = "problem" if len(errors) == 1 else "problems"
-    lines = [f"{source}: {len(errors)} {noun} found; nothing was loaded (fix the file and rerun):"]
+def data_error(source: str, errors: list[str], max_shown: int = MAX_ERRORS_SHOWN,
+               total: int | None = None) -> DataError:
+    """One DataError whose message lists the first `max_shown` problems and counts the rest
+    (`total` when more problems were found than `errors` keeps)."""
+    total = len(errors) if total is None else total
+    noun = "problem" if total == 1 else "problems"
+    lines = [f"{source}: {total} {noun} found; nothing was loaded (fix the file and rerun):"]
     lines += [f"  {msg}" for msg in errors[:max_shown]]
-    if len(errors) > max_shown:
-        lines.append(f"  ... and {len(errors) - max_shown} more")
-    return DataError("\n".join(lines), errors)
+    if total > max_shown:
+        lines.append(f"  ... and {total - max_shown} more")
+    return DataError("\n".join(lines), errors, count=total)
 
 
 class FieldError(Exception):
@@ -237,48 +313,96 @@ def missing_columns(kind: str, columns: list[str]) -> list[str]:
     return [name for name in fields_for(kind, columns) if name not in columns]
 
 
-def missing_column_message(kind: str, missing: list[str], columns: list[str]) -> str:
+def missing_column_message(kind: str, missing: list[str], columns: list[str], needed_by: str | None = None) -> str:
+    """`missing column 'x': kind 'k' needs ...; the file has ...`; with `needed_by` (an algorithm) the
+    message says who needs the kind and, when the columns fit another kind, which kind the file is."""
     names = ", ".join(repr(m) for m in missing)
     noun = "column" if len(missing) == 1 else "columns"
     has = ", ".join(columns) if columns else "no columns"
-    return f"missing {noun} {names}: kind '{kind}' needs {KIND_NEEDS[kind]}; the file has {has}"
+    if needed_by is None:
+        return f"missing {noun} {names}: kind '{kind}' needs {KIND_NEEDS[kind]}; the file has {has}"
+    looks = infer_kind(columns)
+    looks_as = f" (data of kind {looks})" if looks and looks != kind else ""
+    return (f"missing {noun} {names}: {needed_by} needs data of kind {kind} ({KIND_NEEDS[kind]}); "
+            f"the file has {has}{looks_as}")
 
 
-def check_row(values: dict[str, Any], fields: dict[str, str], strings: bool) -> tuple[dict, list[str]]:
-    """Check one row's fields; returns the normalised row and its problems (`field 'x': ...`)."""
+def check_row(values: dict[str, Any], fields: dict[str, str], strings: bool) -> tuple[dict, list[tuple[str, str]]]:
+    """Check one row's fields; returns the normalised row and its problems as (field, message), the
+    message being `missing` for an absent or null value."""
     row = dict(values)
     problems = []
     for name, checker in fields.items():
         if values.get(name) is None:
-            problems.append(f"field '{name}': missing")
+            problems.append((name, "missing"))
             continue
         try:
             row[name] = CHECKERS[checker](values[name], strings)
         except FieldError as exc:
-            problems.append(f"field '{name}': {exc}")
+            problems.append((name, str(exc)))
     return row, problems
 
 
-def validate_records(raw: RawData, kind: str) -> tuple[list[dict[str, Any]], dict[str, str]]:
-    """All rows normalised, and the fields checked; raises one DataError listing every problem."""
-    check_kind(kind)
-    log = ErrorLog(raw.source)
-    log.extend(raw.errors)
-    if not raw.records:
-        if not raw.errors:
-            log.add(-1, raw.source, "no rows")
-        log.raise_if_any()
-    missing = missing_columns(kind, raw.columns)
-    if missing:
-        # One file-level message instead of one per row: the whole column is absent.
-        log.add(-1, raw.source, missing_column_message(kind, missing, raw.columns))
-        log.raise_if_any()
-    fields = fields_for(kind, raw.columns)
-    rows = []
-    for record in raw.records:
-        row, problems = check_row(record.values, fields, strings=not raw.typed)
-        for problem in problems:
-            log.add(record.pos, record.where, problem)
-        rows.append(row)
-    log.raise_if_any()
-    return rows, fields
+# --------------------------------------------------------------------------------------------------
+# Which kinds each algorithm trains on
+# --------------------------------------------------------------------------------------------------
+
+# As the pipelines use the data: online RL samples from prompts (`pipelines/online.py`; the
+# adversarial game also takes pairs, whose chosen answers are its human texts), the offline
+# learners' encoders read these kinds (`pipelines/offline.py` OFFLINE_ALGORITHMS), and a multi-task
+# run checks each task's kind by its type (`config.py` TaskConfig). A pairs or unpaired file also has
+# a prompt column, so it can be read as kind prompts (its other columns are kept, not trained on).
+ALGORITHM_KINDS: dict[str, tuple[str, ...]] = {
+    "sft": ("text", "pairs", "unpaired"),
+    "reward": ("pairs",),
+    "dpo": ("pairs",),
+    "simpo": ("pairs",),
+    "orpo": ("pairs",),
+    "kto": ("unpaired",),
+    "ppo": ("prompts",),
+    "grpo": ("prompts",),
+    "rloo": ("prompts",),
+    "reinforce_pp": ("prompts",),
+    "adversarial": ("prompts", "pairs"),
+}
+# A multi-task run (`algorithm: multitask`) needs, per task, the kinds of its type.
+TASK_KINDS: dict[str, tuple[str, ...]] = {
+    "imitation": ("text", "pairs", "unpaired"),
+    "preference": ("pairs",),
+    "rating": ("ratings",),
+}
+
+
+def accepted_kinds(algorithm: str, task: str | None = None) -> tuple[str, tuple[str, ...]]:
+    """(who, kinds): the name messages use for the algorithm (or the multi-task task type) and the
+    data kinds it trains on. A name not listed is a programming error, not a user's."""
+    if algorithm == "multitask":
+        if task not in TASK_KINDS:
+            raise ValueError(f"multitask: pass the task type ({', '.join(TASK_KINDS)}), got {task!r}")
+        return f"a multitask {task} task", TASK_KINDS[task]
+    if algorithm not in ALGORITHM_KINDS:
+        raise ValueError(f"no data kinds are known for algorithm {algorithm!r}")
+    return algorithm, ALGORITHM_KINDS[algorithm]
+
+
+def one_of(words: list[str]) -> str:
+    """`a`, `a or b`, `a, b or c`."""
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
+
+
+def kinds_phrase(kinds: tuple[str, ...]) -> str:
+    """`kind pairs (columns: prompt, chosen, rejected)`, or several joined with `or`."""
+    return "kind " + one_of([f"{k} (columns: {KIND_NEEDS[k]})" for k in kinds])
+
+
+def kind_mismatch_message(who: str, kinds: tuple[str, ...], kind: str, source: str,
+                          columns: list[str] | None) -> str:
+    """`grpo needs data of kind prompts (columns: prompt); data.kind is 'text' and t.jsonl has
+    columns: text`, then what to change: only data.kind when the file's columns already fit."""
+    message = f"{who} needs data of {kinds_phrase(kinds)}; data.kind is '{kind}'"
+    if columns is None:
+        return f"{message}; set data.kind={kinds[0]} and point the data at such a file"
+    has = ", ".join(columns) if columns else "no columns"
+    fits = [k for k in kinds if not missing_columns(k, columns)]
+    todo = f"set data.kind={fits[0]}" if fits else f"use a file of kind {one_of(list(kinds))}"
+    return f"{message} and {source} has columns: {has}; {todo}"

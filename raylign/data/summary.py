@@ -3,28 +3,36 @@
 A summary answers what a user needs before a run: does it load (validation errors are raised as
 usual), how many rows, how long the texts are (so max_prompt_length / max_length can be chosen
 knowing how much gets truncated), and how many rows or prompts are duplicated.
+
+It walks the table a slice at a time and keeps per row only what it counts (a length, a 16-byte
+digest for duplicates), so summarising a large file adds little to the memory of loading it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from raylign.data.dataset import load_dataset, table_kind, table_source
 from raylign.data.schema import fields_for
 from raylign.data.templates import format_prompt, prompt_plain_text
 
 PERCENTILES = (50, 90, 99)
+SLICE_ROWS = 4096  # rows turned into Python objects at a time, fewer when rows are long:
+SLICE_BYTES = 4 << 20  # about this many bytes of Arrow data per slice
 
 
-def percentiles(lengths: list[int]) -> dict[str, int]:
+def percentiles(lengths: list[int] | np.ndarray) -> dict[str, int]:
     """p50/p90/p99/max as actual lengths from the data (nearest rank), so they read as integers."""
-    if not lengths:
-        return {"p50": 0, "p90": 0, "p99": 0, "max": 0}
     arr = np.asarray(lengths)
+    if not arr.size:
+        return {"p50": 0, "p90": 0, "p99": 0, "max": 0}
     out = {f"p{q}": int(np.percentile(arr, q, method="nearest")) for q in PERCENTILES}
     out["max"] = int(arr.max())
     return out
@@ -40,6 +48,15 @@ def text_fields(table: pa.Table, kind: str) -> list[str]:
     ]
 
 
+def slices(data: pa.Table | pa.ChunkedArray) -> Iterator[Any]:
+    """A table's (or column's) rows as Python values, a slice of at most SLICE_ROWS rows and about
+    SLICE_BYTES of data at a time."""
+    rows = len(data)
+    step = max(1, min(SLICE_ROWS, SLICE_BYTES * rows // max(data.nbytes, 1)))
+    for start in range(0, rows, step):
+        yield data.slice(start, step).to_pylist()
+
+
 def token_lengths(values: list[Any], field: str, tokenizer: Any, apply_chat_template: bool) -> list[int]:
     """Token counts as the model will see them: prompts chat-formatted, other texts as they are."""
     if field == "prompt":
@@ -49,10 +66,30 @@ def token_lengths(values: list[Any], field: str, tokenizer: Any, apply_chat_temp
     return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
-def count_duplicates(values: list[Any]) -> int:
-    """Rows beyond the first occurrence of each distinct value."""
-    keys = [json.dumps(v, sort_keys=True, default=str) for v in values]
-    return len(keys) - len(set(keys))
+def _digest(value: Any) -> bytes:
+    return hashlib.blake2b(json.dumps(value, sort_keys=True, default=str).encode(), digest_size=16).digest()
+
+
+def count_duplicates(values: list[Any] | Iterator[list[Any]]) -> int:
+    """Rows beyond the first occurrence of each distinct value (a list, or an iterator of lists).
+    Values are compared by a 128-bit digest of their JSON, so only 16 bytes per row are kept."""
+    chunks = iter([values]) if isinstance(values, list) else values
+    digests = bytearray()
+    for chunk in chunks:
+        for value in chunk:
+            digests += _digest(value)
+    if not digests:
+        return 0
+    keys = np.frombuffer(bytes(digests), dtype=np.uint64).reshape(-1, 2)
+    return len(keys) - len(np.unique(keys, axis=0))
+
+
+def char_lengths(column: pa.ChunkedArray, field: str) -> np.ndarray:
+    """Characters per value; a chat prompt counts the text of its turns."""
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        return pc.utf8_length(column).to_numpy(zero_copy_only=False)
+    texts = (len(prompt_plain_text(v)) if field == "prompt" else len(v) for chunk in slices(column) for v in chunk)
+    return np.fromiter(texts, dtype=np.int64, count=len(column))
 
 
 def summarize_table(
@@ -60,23 +97,22 @@ def summarize_table(
 ) -> dict[str, Any]:
     """Summary of a table returned by `load_dataset` (its kind comes from the schema metadata)."""
     kind = table_kind(table) or "text"
-    rows = table.to_pylist()
     summary: dict[str, Any] = {
         "source": table_source(table),
         "kind": kind,
         "rows": table.num_rows,
         "columns": table.column_names,
         "lengths": {},
-        "duplicates": {"rows": count_duplicates(rows)},
+        "duplicates": {"rows": count_duplicates(slices(table))},
     }
     if "prompt" in table.column_names:
-        summary["duplicates"]["prompts"] = count_duplicates(table.column("prompt").to_pylist())
+        summary["duplicates"]["prompts"] = count_duplicates(slices(table.column("prompt")))
     for field in text_fields(table, kind):
-        values = table.column(field).to_pylist()
-        chars = [len(prompt_plain_text(v)) if field == "prompt" else len(v) for v in values]
-        summary["lengths"][field] = {"chars": percentiles(chars)}
+        column = table.column(field)
+        summary["lengths"][field] = {"chars": percentiles(char_lengths(column, field))}
         if tokenizer is not None:
-            tokens = token_lengths(values, field, tokenizer, apply_chat_template)
+            tokens = [n for values in slices(column)
+                      for n in token_lengths(values, field, tokenizer, apply_chat_template)]
             summary["lengths"][field]["tokens"] = percentiles(tokens)
     summary.update(kind_details(table, kind))
     return summary
@@ -87,23 +123,23 @@ def kind_details(table: pa.Table, kind: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     names = table.column_names
     if "prompt" in names:
-        prompts = table.column("prompt").to_pylist()
-        out["prompt_formats"] = {
-            "text": sum(isinstance(p, str) for p in prompts),
-            "chat": sum(not isinstance(p, str) for p in prompts),
-        }
+        prompts = table.column("prompt")
+        text = pa.types.is_string(prompts.type) or pa.types.is_large_string(prompts.type)
+        out["prompt_formats"] = {"text": len(prompts) if text else 0, "chat": 0 if text else len(prompts)}
     if kind == "pairs":
-        chosen, rejected = table.column("chosen").to_pylist(), table.column("rejected").to_pylist()
-        out["identical_pairs"] = sum(c == r for c, r in zip(chosen, rejected, strict=True))
+        same = pc.sum(pc.equal(table.column("chosen"), table.column("rejected"))).as_py()
+        out["identical_pairs"] = int(same or 0)
     if kind == "unpaired":
-        labels = table.column("label").to_pylist()
-        out["labels"] = {"true": sum(labels), "false": len(labels) - sum(labels)}
+        labels = table.column("label")
+        true = int(pc.sum(labels).as_py() or 0)
+        out["labels"] = {"true": true, "false": len(labels) - true}
     if kind == "ratings":
-        ratings = np.asarray(table.column("rating").to_pylist(), dtype=float)
+        ratings = table.column("rating")
+        bounds = pc.min_max(ratings).as_py()
         out["ratings"] = {
-            "min": float(ratings.min()),
-            "mean": float(ratings.mean()),
-            "max": float(ratings.max()),
+            "min": float(bounds["min"]),
+            "mean": float(pc.mean(ratings).as_py()),
+            "max": float(bounds["max"]),
         }
     return out
 

@@ -86,7 +86,7 @@ def _load_tasks(config: RunConfig, tokenizer, console: Console) -> tuple[list[_T
     out, stats = [], {}
     for name, task in tasks.items():
         cfg = config.model_copy(update={"data": task.data})
-        train_table, val_table = load_split(task.data)
+        train_table, val_table = load_split(task.data, algorithm="multitask", task=task.type)
         encoders: dict[str, Callable[..., list[dict]]] = {  # each called with the rows alone
             "imitation": lambda rows, c=cfg, k=task.data.kind: encode_sft_rows(rows, k, tokenizer, c),
             "preference": lambda rows, c=cfg: encode_pair_rows(rows, "pairs", tokenizer, c),

@@ -246,7 +246,7 @@ def run_offline(config: RunConfig, resume: bool = False, console: Console | None
         )
     # Everything a user can get wrong is checked before Ray or any actor starts.
     tokenizer = load_tokenizer(config.model.path)
-    train_table, val_table = load_split(config.data)
+    train_table, val_table = load_split(config.data, algorithm=config.algorithm)
     encode = encode_sft_rows if objective == "sft" else encode_pair_rows
     train = encode(train_table.to_pylist(), config.data.kind, tokenizer, config)
     val = encode(val_table.to_pylist(), config.data.kind, tokenizer, config) if val_table else []

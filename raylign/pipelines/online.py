@@ -484,7 +484,7 @@ def run_online(config: RunConfig, resume: bool = False, console: Console | None 
         check_reward_specs(config.reward)
     tokenizer = load_tokenizer(config.model.path)
     check_context(config, context_length(config.model))
-    train_table, val_table = load_split(config.data)
+    train_table, val_table = load_split(config.data, algorithm=config.algorithm)
 
     def fits(prompt: Any) -> bool:
         text = format_prompt(prompt, tokenizer, config.data.apply_chat_template)
