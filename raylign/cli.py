@@ -147,20 +147,28 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from raylign.serving.launch import serve_forever
-    from raylign.serving.settings import api_key_policy, settings_from
+    from raylign.serving.settings import API_KEY_ENV, ServeError, auth_settings, settings_from
 
-    key, required = api_key_policy(args.host, args.api_key, args.no_api_key)
+    if args.api_key is not None:  # deprecated: the key is then in the process list for every user to read
+        if args.api_key_file or args.no_api_key:
+            raise ServeError("--api-key cannot be combined with --api-key-file or --no-api-key; give one")
+        err_console.print(f"[yellow]warning:[/yellow] --api-key puts the key in the process list (ps) for every "
+                          f"user of this machine to read, and is deprecated: use --api-key-file PATH or ${API_KEY_ENV}",
+                          highlight=False)
+        os.environ[API_KEY_ENV] = args.api_key  # this process's environment: the Ray it starts inherits it
+    attach = bool(args.ray_address or os.environ.get("RAY_ADDRESS"))
+    auth = auth_settings(args.host, api_key_file=args.api_key_file, no_api_key=args.no_api_key, attach=attach)
     autoscale = args.min_replicas is not None or args.max_replicas is not None
     settings = settings_from({
         "model": args.model, "served_model_name": args.served_model_name, "reward_model": args.reward_model,
         "dtype": args.dtype, "trust_remote_code": args.trust_remote_code, "merge_lora": not args.no_merge_lora,
         "max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms,
         "max_tokens_limit": args.max_tokens_limit, "default_max_tokens": args.default_max_tokens,
-        "request_timeout_s": args.timeout, "api_key": key, "require_api_key": required,
+        "max_request_tokens": args.max_request_tokens, "request_timeout_s": args.timeout, **auth,
         "num_cpus": args.cpus_per_replica, "num_gpus": args.gpus_per_replica, "num_replicas": args.replicas,
         "min_replicas": (args.min_replicas if args.min_replicas is not None else 1) if autoscale else None,
         "max_replicas": (args.max_replicas if args.max_replicas is not None else args.replicas) if autoscale else None,
-        "max_ongoing_requests": args.max_ongoing_requests,
+        "max_ongoing_requests": args.max_ongoing_requests, "max_queued_requests": args.max_queued_requests,
     })
     serve_forever(settings, host=args.host, port=args.port, ray_address=args.ray_address,
                   echo=lambda line: console.print(line, markup=False, highlight=False))
@@ -380,7 +388,10 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
         description="Serve MODEL (a run's final/ dir, a local HF dir, an HF id, builtin:<name>, tiny:<arch>) at "
         "/v1/completions, /v1/chat/completions (stream: true for server-sent events), /v1/models, /v1/score "
         "(with --reward-model) and /health, on Ray Serve replicas that batch concurrent requests. Runs until "
-        "Ctrl-C. Off 127.0.0.1 an API key is required (--api-key or $RAYLIGN_API_KEY) unless --no-api-key.",
+        "Ctrl-C. Off 127.0.0.1, and on an existing Ray (--ray-address, $RAY_ADDRESS), an API key is required "
+        "(--api-key-file PATH or $RAYLIGN_API_KEY) unless --no-api-key. A replica works on --max-ongoing-requests "
+        "requests, queues --max-queued-requests more and answers any beyond with 429 (Retry-After); a request "
+        "not answered within --timeout of reaching a replica, queued time included, gets 408.",
     )
     p.add_argument("model", help="model to serve: runs/<name>/final, a local dir, HF id, builtin:/tiny:")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 = all)")
@@ -395,12 +406,21 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpus-per-replica", type=float, default=0.0, help="GPUs per replica (default 0)")
     p.add_argument("--max-batch-size", type=int, default=32, help="rows (prompts x n) per forward pass (default 32)")
     p.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a batch waits to fill (default 10)")
-    p.add_argument("--max-ongoing-requests", type=int, help="requests per replica (default 2 x max batch size)")
+    p.add_argument("--max-ongoing-requests", type=int, help="requests a replica works on at once "
+                   "(default 2 x max batch size)")
+    p.add_argument("--max-queued-requests", type=int, help="requests a replica holds waiting beyond those; more "
+                   "get 429 with Retry-After (default: --max-ongoing-requests)")
+    p.add_argument("--max-request-tokens", type=int, default=65_536, help="per-request budget: prompt tokens x n + "
+                   "max_tokens x n (default 65536; more get 400)")
     p.add_argument("--max-tokens-limit", type=int, default=512, help="largest max_tokens a request may ask (default 512)")
     p.add_argument("--default-max-tokens", type=int, default=256, help="chat max_tokens when a request gives none")
-    p.add_argument("--timeout", type=float, default=120.0, help="per-request timeout in seconds (default 120)")
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $RAYLIGN_API_KEY if set)")
-    p.add_argument("--no-api-key", action="store_true", help="serve without auth even on a non-local --host")
+    p.add_argument("--timeout", type=float, default=120.0, help="per-request timeout in seconds, time queued "
+                   "included (default 120)")
+    p.add_argument("--api-key-file", metavar="PATH", help="require 'Authorization: Bearer KEY', KEY read from PATH "
+                   "(on a cluster: a path every node can read; default: $RAYLIGN_API_KEY if set)")
+    p.add_argument("--api-key", help="deprecated (shows the key in ps): use --api-key-file or $RAYLIGN_API_KEY")
+    p.add_argument("--no-api-key", action="store_true", help="serve without auth even on a non-local --host "
+                   "or an existing Ray")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--trust-remote-code", action="store_true", help="run the model repo's own code (off by default)")
     p.add_argument("--no-merge-lora", action="store_true", help="apply a LoRA adapter at run time instead of merging it")

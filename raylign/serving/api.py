@@ -1,18 +1,35 @@
 """The FastAPI app: OpenAI-compatible routes, `/v1/score`, auth, limits and OpenAI-style errors.
 
 `create_api(settings, backend)` builds the app around a backend that generates and scores (in Serve:
-the deployment, whose `@serve.batch` methods group concurrent requests; see `deployment.py`).
+the deployment, whose `@serve.batch` methods group concurrent requests; see `deployment.py`). The app
+knows nothing of Serve: it runs the same under Serve's proxy and under a test client.
+
+Before routing, `Gate` (ASGI middleware) checks each request in this order, without reading its body:
+the Host header (a keyless local server answers only loopback names: DNS rebinding), the API key
+(every /v1 route), then the replica's admission bound for work routes (completions, chat, score): at
+most `ongoing_requests()` at work and `queued_requests()` more waiting, FIFO, for a place; any more
+are refused at once. Every request's deadline starts when it reaches the replica, so time spent
+waiting (for a place, for a batch, for room in the running batch) counts toward the timeout; the
+engine drops a request past its deadline before it prefills it.
+
+Prompts are tokenized on a thread of their own (never on the event loop); generation runs on the
+engine's decode thread and scoring on the backend's scoring thread.
 
 Status codes (every error body is OpenAI's `{"error": {"message", "type", "param", "code"}}`):
 
   400  invalid request: bad JSON, a field out of range (empty prompt, max_tokens, temperature, n, ...),
-       an unknown or unsupported parameter, prompt + max_tokens longer than the model's context
+       an unknown or unsupported parameter, prompt + max_tokens longer than the model's context,
+       prompt tokens x n + max_tokens x n over the server's per-request token budget
   401  missing or wrong API key (`Authorization: Bearer <key>`), when the server has one
+  403  a Host header this keyless local server does not answer to
   404  unknown model name, unknown route, /v1/score on a server without a reward model
   405  wrong HTTP method
-  408  the request ran longer than the server's request timeout
+  408  the request was not answered within the server's request timeout (time spent queued included)
   413  request body larger than the server's limit
-  500  an internal error (logged on the replica; the replica keeps serving)
+  429  the replica is full (its requests at work and its queue); `Retry-After` says when to retry
+  500  an internal error: a generic message with the request id; the detail is in the replica's log
+       under that id (the replica keeps serving)
+  503  /health, and work routes, once the replica's decode thread has died (Serve replaces the replica)
 """
 
 
@@ -22,19 +39,24 @@ import hmac
 import json
 import logging
 import math
+import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
-from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, TypeVar
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import HTTPBearer
 from pydantic import BaseModel
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from raylign.serving.engine import Engine, Job, RowUpdate, Sampling
+from raylign.serving.batching import ScoreJob
+from raylign.serving.engine import Engine, EngineDead, Job, RowUpdate, Sampling
 from raylign.serving.protocol import (
     DEFAULT_COMPLETION_TOKENS,
     UNSUPPORTED,
@@ -64,25 +86,33 @@ from raylign.serving.protocol import (
     request_models,
     score_request_model,
 )
-from raylign.serving.settings import ServeSettings
+from raylign.serving.settings import RETRY_AFTER_S, ServeSettings, host_allowed
 
 log = logging.getLogger("ray.serve")
+T = TypeVar("T")
+
+# Routes that take a place in the replica's admission bound (the rest are cheap: models, health, docs).
+WORK_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/score"})
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
 
 class Backend(Protocol):
-    """What the routes need: the engine (tokenizer, context), batched generation and scoring."""
+    """What the routes need: the engine (tokenizer, context, health), batched generation and scoring."""
 
     engine: Engine
     reward_name: str | None
 
     def generate(self, job: Job) -> AsyncIterator[list[RowUpdate]]: ...
 
-    async def score(self, prompts: list[Any], completions: list[str]) -> list[float]: ...
+    async def score(self, job: ScoreJob) -> list[float] | None:
+        """The job's scores, or None if it was dropped (cancelled or past its deadline)."""
+        ...
 
 
 _ERRORS: dict[int | str, dict[str, Any]] = {status: {"model": ErrorResponse, "description": text} for status, text in {
-    400: "invalid request", 401: "missing or wrong API key", 404: "unknown model or route",
-    408: "request timeout", 413: "request body too large", 500: "internal error"}.items()}
+    400: "invalid request", 401: "missing or wrong API key", 403: "Host not allowed", 404: "unknown model or route",
+    408: "request timeout", 413: "request body too large", 429: "the replica is full; retry after Retry-After",
+    500: "internal error", 503: "the replica is being replaced"}.items()}
 
 
 def _streaming(chunk: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
@@ -102,21 +132,22 @@ def create_api(settings: ServeSettings, backend: Backend) -> FastAPI:
     api_key = settings.resolved_api_key()
     engine = backend.engine
     created = int(time.time())
+    tokenizing = ThreadPoolExecutor(1, thread_name_prefix="raylign-tokenize")
 
     app = FastAPI(title="raylign", version="1", description=f"OpenAI-compatible endpoint serving {settings.name}")
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(Gate, api_key=api_key, allowed_hosts=settings.allowed_hosts,
+                       admission=Admission(settings.ongoing_requests(), settings.queued_requests()),
+                       timeout_s=settings.request_timeout_s)
     _add_error_handlers(app, sorted({*CompletionRequest.model_fields, *ChatCompletionRequest.model_fields,
                                      *ScoreRequest.model_fields}))
 
+    # `Gate` checks the key before the body is read; this declares the scheme in the OpenAPI schema.
     bearer = HTTPBearer(auto_error=False, description="the server's API key")
+    guarded = [Depends(bearer)] if api_key else []
 
-    async def authorize(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
-        if (credentials is None or api_key is None
-                or not hmac.compare_digest(credentials.credentials.encode(), api_key.encode())):
-            raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
-                           type="authentication_error", code="invalid_api_key")
-
-    guarded = [Depends(authorize)] if api_key else []
+    async def off_loop(fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(tokenizing, fn, *args)
 
     def check_model(name: str | None, served: str | None = settings.name, param: str = "model") -> None:
         if name is not None and name != served:
@@ -136,8 +167,26 @@ def create_api(settings: ServeSettings, backend: Backend) -> FastAPI:
                            f"context is {engine.context_length} tokens. Shorten the prompt or lower max_tokens",
                            param="max_tokens", code="context_length_exceeded")
 
-    @app.get("/health", response_model=Health, tags=["server"])
+    def check_budget(ids: list[list[int]], max_tokens: int, n: int) -> None:
+        tokens = n * sum(len(p) + max_tokens for p in ids)
+        if tokens > settings.max_request_tokens:
+            raise ApiError(400, f"this request asks for {tokens} tokens (prompt tokens x n + max_tokens x n); the "
+                           f"server's limit per request is {settings.max_request_tokens}. Lower n or max_tokens, "
+                           "or send fewer or shorter prompts", param="max_tokens", code="token_budget_exceeded")
+
+    async def answer(request: Request, job: Job, reply: "Reply", stream: bool, include_usage: bool) -> Any:
+        deadline = request_deadline(request)
+        if stream:
+            return _event_stream(reply.chunks(backend.generate(job), job, deadline, include_usage))
+        await reply.collect(backend.generate(job), job, deadline)
+        return None
+
+    @app.get("/health", response_model=Health, responses={503: _ERRORS[503]}, tags=["server"])
     async def health() -> Health:
+        try:
+            engine.check_alive()
+        except EngineDead as exc:
+            raise _replica_dead() from exc
         return Health(model=settings.name)
 
     @app.get("/v1/models", response_model=ModelList, responses=_ERRORS, dependencies=guarded, tags=["openai"])
@@ -149,50 +198,54 @@ def create_api(settings: ServeSettings, backend: Backend) -> FastAPI:
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses=_streaming(CompletionChunk),
               dependencies=guarded, tags=["openai"])
-    async def completions(body: CompletionRequest) -> Any:
+    async def completions(body: CompletionRequest, request: Request) -> Any:
         check_model(body.model)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         max_tokens = DEFAULT_COMPLETION_TOKENS if body.max_tokens is None else body.max_tokens
-        ids = [engine.encode_text(p) for p in prompts]
+        ids = await off_loop(lambda: [engine.encode_text(p) for p in prompts])
         for prompt_ids in ids:
             check_context(prompt_ids, max_tokens)
-        job = Job(ids, sampling(body, max_tokens), n=body.n, stream=bool(body.stream))
-        reply = Reply("cmpl", settings.name, chat=False, rows=job.rows, prompt_tokens=sum(map(len, ids)))
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return _event_stream(reply.chunks(backend.generate(job), job, settings.request_timeout_s, include_usage))
-        await reply.collect(backend.generate(job), job, settings.request_timeout_s)
+        check_budget(ids, max_tokens, body.n)
+        job = Job(ids, sampling(body, max_tokens), n=body.n, stream=bool(body.stream),
+                  deadline=request_deadline(request))
+        reply = Reply("cmpl", settings.name, chat=False, rows=job.rows, prompt_tokens=sum(map(len, ids)),
+                      request_id=request_id(request), timeout_s=settings.request_timeout_s)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        if (events := await answer(request, job, reply, bool(body.stream), include_usage)) is not None:
+            return events
         return CompletionResponse(
             id=reply.id, created=reply.created, model=settings.name, usage=reply.usage(),
             choices=[CompletionChoice(index=i, text=t, finish_reason=f) for i, (t, f) in enumerate(reply.choices())])
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_streaming(ChatCompletionChunk),
               dependencies=guarded, tags=["openai"])
-    async def chat_completions(body: ChatCompletionRequest) -> Any:
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         check_model(body.model)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in body.messages]
         try:
-            ids = engine.encode_chat(messages)
+            ids = await off_loop(engine.encode_chat, messages)
         except Exception as exc:  # noqa: BLE001 - the model's own Jinja template refused the conversation
             raise ApiError(400, f"the model's chat template rejected these messages: {exc}", param="messages") from None
         max_tokens = body.max_completion_tokens or body.max_tokens
         if max_tokens is None:
             max_tokens = max(1, min(settings.default_max_tokens, engine.context_length - len(ids)))
         check_context(ids, max_tokens)
-        job = Job([ids], sampling(body, max_tokens), n=body.n, stream=bool(body.stream))
-        reply = Reply("chatcmpl", settings.name, chat=True, rows=job.rows, prompt_tokens=len(ids))
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return _event_stream(reply.chunks(backend.generate(job), job, settings.request_timeout_s, include_usage))
-        await reply.collect(backend.generate(job), job, settings.request_timeout_s)
+        check_budget([ids], max_tokens, body.n)
+        job = Job([ids], sampling(body, max_tokens), n=body.n, stream=bool(body.stream),
+                  deadline=request_deadline(request))
+        reply = Reply("chatcmpl", settings.name, chat=True, rows=job.rows, prompt_tokens=len(ids),
+                      request_id=request_id(request), timeout_s=settings.request_timeout_s)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        if (events := await answer(request, job, reply, bool(body.stream), include_usage)) is not None:
+            return events
         return ChatCompletionResponse(
             id=reply.id, created=reply.created, model=settings.name, usage=reply.usage(),
             choices=[ChatChoice(index=i, message=AssistantMessage(content=t), finish_reason=f)
                      for i, (t, f) in enumerate(reply.choices())])
 
     @app.post("/v1/score", response_model=ScoreResponse, responses=_ERRORS, dependencies=guarded, tags=["raylign"])
-    async def score(body: ScoreRequest) -> ScoreResponse:
+    async def score(body: ScoreRequest, request: Request) -> ScoreResponse:
         """Score (prompt, completion) pairs with the reward model loaded beside the policy."""
         if not backend.reward_name:
             raise ApiError(404, "this server has no reward model; start it with --reward-model SPEC "
@@ -200,17 +253,134 @@ def create_api(settings: ServeSettings, backend: Backend) -> FastAPI:
         check_model(body.model, backend.reward_name)
         prompts = [p.prompt if not isinstance(p.prompt, list) else
                    [{"role": m.role, "content": m.text()} for m in p.prompt] for p in body.pairs]
+        deadline = request_deadline(request)
+        job = ScoreJob(prompts, [p.completion for p in body.pairs], deadline=deadline)
         try:
-            scores = await asyncio.wait_for(backend.score(prompts, [p.completion for p in body.pairs]),
-                                            settings.request_timeout_s)
+            scores = await asyncio.wait_for(backend.score(job), max(deadline - time.monotonic(), 0.0))
         except asyncio.TimeoutError:
-            raise _timeout(settings.request_timeout_s) from None
+            scores = None
+        finally:
+            job.cancel()  # a no-op once scored; else the scoring thread skips what is left of it
+        if scores is None:
+            raise _timeout(settings.request_timeout_s)
         if not all(math.isfinite(s) for s in scores):
-            raise ApiError(500, f"the reward source returned a non-finite score: {scores}", type="server_error")
+            raise RuntimeError(f"the reward source returned a non-finite score: {scores}")
         return ScoreResponse(model=backend.reward_name, data=[Score(index=i, score=s) for i, s in enumerate(scores)])
 
     _publish_chunk_schemas(app)
     return app
+
+
+# ---- the gate: Host, API key, request id and deadline, admission -----------------------------------
+
+
+def request_id(request: Request) -> str:
+    return str(request.scope.get("state", {}).get("raylign_request_id") or "-")
+
+
+def request_deadline(request: Request) -> float:
+    """When this request times out (`time.monotonic()`), set by `Gate` when it reached the replica."""
+    return float(request.scope.get("state", {}).get("raylign_deadline") or math.inf)
+
+
+class Refused(Exception):
+    """A request the admission bound turns away (`error` is its answer)."""
+
+    def __init__(self, error: ApiError, headers: dict[str, str] | None = None):
+        super().__init__(error.message)
+        self.error, self.headers = error, headers or {}
+
+
+class Admission:
+    """One replica's bound on work: `ongoing` requests at work and up to `queued` more waiting, first
+    come first served, for a place; any more are refused with 429 at once, and one still waiting at its
+    deadline with 408 (it never reaches the engine)."""
+
+    def __init__(self, ongoing: int, queued: int):
+        self.ongoing, self.queued = ongoing, queued
+        self.waiting = 0
+        self._places = asyncio.Semaphore(ongoing)
+
+    @asynccontextmanager
+    async def place(self, deadline: float, timeout_s: float) -> AsyncIterator[None]:
+        if self._places.locked():
+            if self.waiting >= self.queued:
+                raise Refused(ApiError(
+                    429, f"the server is busy: {self.ongoing} requests are at work on this replica and {self.waiting} "
+                    f"are waiting; retry in {RETRY_AFTER_S}s", type="rate_limit_error", code="server_busy"),
+                    {"Retry-After": str(RETRY_AFTER_S)})
+            self.waiting += 1
+            try:
+                await asyncio.wait_for(self._places.acquire(), max(deadline - time.monotonic(), 0.0))
+            except asyncio.TimeoutError:
+                raise Refused(_timeout(timeout_s)) from None
+            finally:
+                self.waiting -= 1
+        else:
+            await self._places.acquire()  # a free place: returns at once
+        try:
+            yield
+        finally:
+            self._places.release()
+
+
+class Gate:
+    """ASGI middleware, outside routing: Host check, API key, request id and deadline, admission (see
+    the module docstring). Refusals never read the request's body."""
+
+    def __init__(self, app: Any, api_key: str | None, allowed_hosts: list[str] | None, admission: Admission,
+                 timeout_s: float):
+        self.app, self.api_key, self.allowed_hosts = app, api_key, allowed_hosts
+        self.admission, self.timeout_s = admission, timeout_s
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = Headers(scope=scope)
+        state = scope.setdefault("state", {})
+        arrival = time.monotonic()
+        state["raylign_deadline"] = deadline = arrival + self.timeout_s
+        given = headers.get("x-request-id", "")
+        rid = given if _REQUEST_ID.fullmatch(given) else f"req-{uuid.uuid4().hex}"
+        state["raylign_request_id"] = rid
+        # behind Serve's proxy the id is its own, which it returns itself
+        state["raylign_echo_id"] = echo = rid != given
+        send = _with_headers(send, arrival, rid if echo else None)
+        path = scope.get("path", "")
+        if self.allowed_hosts is not None and not host_allowed(headers.get("host"), self.allowed_hosts):
+            return await _send_error(send, ApiError(
+                403, "this server has no API key and answers only requests to a loopback name (localhost, "
+                "127.0.0.1, [::1]); start it with an API key to serve other names", code="host_not_allowed"))
+        if self.api_key is not None and path.startswith("/v1/") and not self._authorized(headers):
+            return await _send_error(send, ApiError(
+                401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                type="authentication_error", code="invalid_api_key"))
+        if path not in WORK_ROUTES or scope.get("method") != "POST":
+            return await self.app(scope, receive, send)
+        try:
+            async with self.admission.place(deadline, self.timeout_s):
+                return await self.app(scope, receive, send)
+        except Refused as refused:
+            return await _send_error(send, refused.error, refused.headers)
+
+    def _authorized(self, headers: Headers) -> bool:
+        scheme, _, credentials = headers.get("authorization", "").partition(" ")
+        return (self.api_key is not None and scheme.lower() == "bearer"
+                and hmac.compare_digest(credentials.strip().encode(), self.api_key.encode()))
+
+
+def _with_headers(send: Any, arrival: float, request_id: str | None) -> Any:
+    """`send` adding `Server-Timing: replica;dur=<ms>` (how long the replica held the request before it
+    answered, time queued included: what the timeout bounds) and the request id, when it is our own."""
+    async def sending(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            headers = MutableHeaders(scope=message)
+            headers.append("server-timing", f"replica;dur={(time.monotonic() - arrival) * 1000:.1f}")
+            if request_id is not None:
+                headers.append("x-request-id", request_id)
+        await send(message)
+
+    return sending
 
 
 def _publish_chunk_schemas(app: FastAPI) -> None:
@@ -234,17 +404,31 @@ def _publish_chunk_schemas(app: FastAPI) -> None:
 
 
 def _timeout(seconds: float) -> ApiError:
-    return ApiError(408, f"the request took longer than the server's timeout of {seconds:g}s; "
-                    "lower max_tokens or n, or retry when the server is less busy", type="timeout", code="timeout")
+    return ApiError(408, f"the request was not answered within the server's timeout of {seconds:g}s (time "
+                    "spent queued included); lower max_tokens or n, or retry when the server is less busy",
+                    type="timeout", code="timeout")
+
+
+def _internal(rid: str) -> ApiError:
+    """The body of every 500: a generic message and the request id, under which the replica logged the detail."""
+    return ApiError(500, f"internal error (request id {rid}); the server's log has the details under that id",
+                    type="server_error", code="internal_error")
+
+
+def _replica_dead() -> ApiError:
+    return ApiError(503, "this replica can no longer generate and is being replaced; retry shortly",
+                    type="server_error", code="replica_unavailable")
 
 
 class Reply:
     """Collects one request's row updates into OpenAI responses or stream chunks."""
 
-    def __init__(self, prefix: str, model: str, chat: bool, rows: int, prompt_tokens: int):
+    def __init__(self, prefix: str, model: str, chat: bool, rows: int, prompt_tokens: int,
+                 request_id: str = "-", timeout_s: float = math.inf):
         self.id = f"{prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.model, self.chat, self.prompt_tokens = model, chat, prompt_tokens
+        self.request_id, self.timeout_s = request_id, timeout_s
         self.texts = [""] * rows
         self.tokens = [0] * rows
         self.finish: list[str | None] = [None] * rows
@@ -267,37 +451,39 @@ class Reply:
     def choices(self) -> list[tuple[str, FinishReason]]:
         return [(text, _reply_reason(finish)) for text, finish in zip(self.texts, self.finish, strict=True)]
 
-    async def updates(self, stream: AsyncIterator[list[RowUpdate]], job: Job, timeout_s: float
+    async def updates(self, stream: AsyncIterator[list[RowUpdate]], job: Job, deadline: float
                       ) -> AsyncIterator[RowUpdate]:
-        """The job's updates until all its rows finished; cancels the job on timeout or disconnect."""
-        deadline = time.monotonic() + timeout_s
+        """The job's updates until all its rows finished; cancels the job at its deadline (`time.monotonic()`)
+        or on disconnect. A row the engine dropped (the deadline passed there first) is a timeout too."""
         try:
             while self.open_rows:
                 try:
-                    batch = await asyncio.wait_for(anext(stream), max(deadline - time.monotonic(), 0.001))
+                    batch = await asyncio.wait_for(anext(stream), max(deadline - time.monotonic(), 0.0))
                 except StopAsyncIteration:
                     raise RuntimeError("generation ended before every choice finished") from None
                 except asyncio.TimeoutError:
-                    raise _timeout(timeout_s) from None
+                    raise _timeout(self.timeout_s) from None
                 for update in batch:
+                    if update.finish_reason == "cancelled":
+                        raise _timeout(self.timeout_s)
                     self.apply(update)
                     yield update
         finally:
             job.cancel()  # no-op once every row finished; else frees the rows in the running batch
             await _close(stream)
 
-    async def collect(self, stream: AsyncIterator[list[RowUpdate]], job: Job, timeout_s: float) -> None:
-        async for _ in self.updates(stream, job, timeout_s):
+    async def collect(self, stream: AsyncIterator[list[RowUpdate]], job: Job, deadline: float) -> None:
+        async for _ in self.updates(stream, job, deadline):
             pass
 
-    async def chunks(self, stream: AsyncIterator[list[RowUpdate]], job: Job, timeout_s: float,
+    async def chunks(self, stream: AsyncIterator[list[RowUpdate]], job: Job, deadline: float,
                      include_usage: bool) -> AsyncIterator[str]:
         """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
         if self.chat:
             for row in range(len(self.texts)):
                 yield self._event(row, "", None, role=True)
         try:
-            async for update in self.updates(stream, job, timeout_s):
+            async for update in self.updates(stream, job, deadline):
                 if update.text:
                     yield self._event(update.row, update.text, None)
                 if update.finish_reason is not None:
@@ -305,9 +491,9 @@ class Reply:
         except ApiError as exc:
             yield f"data: {json.dumps(exc.body())}\n\n"
             return
-        except Exception as exc:  # noqa: BLE001 - the stream has started: report in-band, keep serving
-            log.exception("generation failed")
-            yield f"data: {json.dumps(ApiError(500, f'internal error: {exc}', type='server_error').body())}\n\n"
+        except Exception:  # noqa: BLE001 - the stream has started: report in-band, keep serving
+            log.exception("raylign: request %s failed while streaming", self.request_id)
+            yield f"data: {json.dumps(_internal(self.request_id).body())}\n\n"
             return
         if include_usage:
             yield self._usage_event()
@@ -362,6 +548,11 @@ def _add_error_handlers(app: FastAPI, known_params: list[str]) -> None:
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status)
 
+    @app.exception_handler(EngineDead)
+    async def engine_dead(request: Request, exc: EngineDead) -> JSONResponse:
+        log.error("raylign: request %s refused: %s", request_id(request), exc)
+        return JSONResponse(_replica_dead().body(), status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
+
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse(validation_error(exc.errors(), known_params).body(), status_code=400)
@@ -376,9 +567,11 @@ def _add_error_handlers(app: FastAPI, known_params: list[str]) -> None:
 
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("request %s %s failed", request.method, request.url.path)
-        return JSONResponse(ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error").body(),
-                            status_code=500)
+        rid = request_id(request)
+        log.error("raylign: request %s (%s %s) failed", rid, request.method, request.url.path, exc_info=exc)
+        # Sent from outside `Gate` (Starlette answers uncaught errors last), so the id header is added here.
+        echo = request.scope.get("state", {}).get("raylign_echo_id")
+        return JSONResponse(_internal(rid).body(), status_code=500, headers={"x-request-id": rid} if echo else None)
 
 
 def validation_error(errors: Sequence[dict[str, Any]], known_params: Sequence[str] = ()) -> ApiError:
@@ -442,8 +635,10 @@ class BodyLimit:
                         code="request_too_large")
 
 
-async def _send_error(send: Any, error: ApiError) -> None:
+async def _send_error(send: Any, error: ApiError, headers: dict[str, str] | None = None) -> None:
     body = json.dumps(error.body()).encode()
+    extra = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": error.status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *extra]})
     await send({"type": "http.response.body", "body": body})

@@ -6,18 +6,28 @@ that takes the list of jobs Serve collected and yields, again and again, one ite
 job's new `RowUpdate`s (possibly none) or `StopIteration` once all its rows have finished. Updates
 that pile up while the event loop was busy are merged into one item, so a slow consumer costs
 nothing but coarser chunks.
+
+`score_jobs` is the same for scoring: a batch of `/v1/score` requests (`ScoreJob`s) scored a chunk of
+pairs at a time on the scoring thread, so a request that timed out costs no more work after the chunk
+being scored.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from raylign.serving.engine import BatchResult, Engine, Job, RowUpdate
 
 _DONE = object()
+# (prompt, completion) pairs per call of the reward source: between calls, requests gone are skipped.
+SCORE_CHUNK = 16
 
 
 async def stream_batch(engine: Engine, jobs: Sequence[Job],
@@ -73,3 +83,50 @@ def describe_batch(jobs: Sequence[Job], result: BatchResult) -> str:
 
 def log_batch(logger: logging.Logger) -> Callable[[Sequence[Job], BatchResult], None]:
     return lambda jobs, result: logger.info(describe_batch(jobs, result))
+
+
+@dataclass
+class ScoreJob:
+    """One /v1/score request: its pairs, when it times out (`time.monotonic()`), and its cancellation."""
+
+    prompts: list[Any]
+    completions: list[str]
+    deadline: float | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def pairs(self) -> int:
+        return len(self.completions)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def gone(self, now: float) -> bool:
+        return self.cancelled.is_set() or (self.deadline is not None and now >= self.deadline)
+
+
+def score_jobs(score: Callable[[list[Any], list[str]], Iterable[float]], jobs: Sequence[ScoreJob],
+               chunk: int = SCORE_CHUNK) -> list[list[float] | None]:
+    """Every job's scores, `chunk` pairs per call of `score` (pairs of several jobs share a call); None
+    for a job that was gone (cancelled, past its deadline) before all its pairs were scored: from then
+    on none of its pairs is scored."""
+    out: list[list[float] | None] = [[] for _ in jobs]
+    waiting = deque((j, i) for j, job in enumerate(jobs) for i in range(job.pairs))
+    while waiting:
+        now = time.monotonic()
+        for j, job in enumerate(jobs):
+            if out[j] is not None and job.gone(now):
+                out[j] = None
+        take: list[tuple[int, int]] = []
+        while waiting and len(take) < chunk:
+            j, i = waiting.popleft()
+            if out[j] is not None:
+                take.append((j, i))
+        if not take:
+            break
+        scores = score([jobs[j].prompts[i] for j, i in take], [jobs[j].completions[i] for j, i in take])
+        for (j, _), value in zip(take, scores, strict=True):
+            got = out[j]
+            if got is not None:
+                got.append(float(value))
+    return out

@@ -11,7 +11,18 @@ not wait for each other: each is submitted to the engine's decode thread, where 
 already being decoded (continuous batching, up to `max_batch_size` rows in all; see `engine.py`), so
 the replica's event loop keeps accepting requests meanwhile. Every batch logs one
 `raylign batch: requests=.. rows=.. peak_rows=..` line to the replica's Serve log. `/v1/score`
-batches the same way, one batch at a time.
+batches the same way, one batch at a time, scored a chunk of pairs at a time (a timed-out request's
+pairs left unscored are skipped).
+
+Overload: the app bounds each replica itself (`api.Admission`: requests at work plus a queue of
+`max_queued_requests`; any more get an OpenAI-style 429 with `Retry-After`), so Serve's own
+`max_ongoing_requests` leaves room above that bound for requests the replica only refuses, and Serve's
+`max_queued_requests` (per proxy: 429 with `Retry-After` too, but with Serve's plain-text body) is only a
+backstop, as wide as that room, for what waits at a proxy once every replica is past even that. Health: Serve calls `check_health`, which fails once the engine's decode thread has
+died, and replaces the replica.
+
+The API key never enters the deployment's arguments (Serve's app config): they name the file or the
+environment variable each replica reads it from.
 """
 
 from __future__ import annotations
@@ -26,23 +37,28 @@ from typing import Any, cast
 import ray
 from ray import serve
 
-from raylign.serving.batching import log_batch, stream_batch
+from raylign.serving.batching import ScoreJob, log_batch, score_jobs, stream_batch
 from raylign.serving.engine import Job, RowUpdate
-from raylign.serving.settings import ServeSettings
+from raylign.serving.settings import RETRY_AFTER_S, ServeError, ServeSettings
 
 DEPLOYMENT_NAME = "raylign"
 APP_NAME = "raylign"
 logger = logging.getLogger("ray.serve")  # Serve writes this logger to the replica's log file
 # Generation batches in flight at once per replica (their rows are capped by the engine's max_rows).
 CONCURRENT_BATCHES = 64
+# Requests Serve may hand a replica beyond those the app works on and queues, for the app to refuse
+# itself (429 with an OpenAI body, no body read) instead of Serve queueing them at the proxy uncounted;
+# and requests one proxy holds while it routes a burst (Serve counts every request not yet handed to a
+# replica as queued): past that, Serve's proxy answers 429 + Retry-After itself (a plain-text body).
+REFUSAL_HEADROOM = 512
 
 
 def _rows(jobs: list[Job]) -> int:
     return sum(job.rows for job in jobs)
 
 
-def _pairs(batches: list[tuple[list[Any], list[str]]]) -> int:
-    return sum(len(completions) for _, completions in batches)
+def _pairs(jobs: list[ScoreJob]) -> int:
+    return sum(job.pairs for job in jobs)
 
 
 # `serve.batch` for a streaming (async generator) method: Serve supports one, but its types have no
@@ -104,8 +120,12 @@ class RaylignServer:
     def generate(self, job: Job) -> AsyncIterator[list[RowUpdate]]:
         return self._generate_batch(job)
 
-    async def score(self, prompts: list[Any], completions: list[str]) -> list[float]:
-        return await self._score_batch((prompts, completions))
+    async def score(self, job: ScoreJob) -> list[float] | None:
+        return await self._score_batch(job)
+
+    def check_health(self) -> None:
+        """Serve's health check: raises once the decode thread has died, so Serve replaces this replica."""
+        self.engine.check_alive()
 
     # Batches run concurrently: each joins the engine's running batch as soon as there is room.
     @_streaming_batch(max_batch_size=32, batch_wait_timeout_s=0.01, batch_size_fn=_rows,
@@ -115,25 +135,23 @@ class RaylignServer:
             yield out
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, batch_size_fn=_pairs)
-    async def _score_batch(self, batches: list[tuple[list[Any], list[str]]]) -> list[list[float]]:
-        prompts = [p for ps, _ in batches for p in ps]
-        completions = [c for _, cs in batches for c in cs]
+    async def _score_batch(self, jobs: list[ScoreJob]) -> list[list[float] | None]:
         if self.scorer is None:  # the API offers /v1/score only with a reward model
             raise RuntimeError("this deployment has no reward model to score with")
         loop = asyncio.get_running_loop()
-        scores = await loop.run_in_executor(self.scoring_thread, self.scorer.score, prompts, completions)
-        out, start = [], 0
-        for _, cs in batches:
-            out.append([float(s) for s in scores[start : start + len(cs)]])
-            start += len(cs)
-        return out
+        return await loop.run_in_executor(self.scoring_thread, score_jobs, self.scorer.score, jobs)
 
 
 def deployment_options(settings: ServeSettings) -> dict[str, Any]:
-    """Serve options of the deployment: replicas or autoscaling, CPUs/GPUs per replica, queue depth."""
+    """Serve options of the deployment: replicas or autoscaling, CPUs/GPUs per replica, queue bounds."""
+    from ray.serve.config import BackpressureConfig
+
+    bound = settings.ongoing_requests() + settings.queued_requests()
     options: dict[str, Any] = {
         "ray_actor_options": {"num_cpus": settings.num_cpus, "num_gpus": settings.num_gpus},
-        "max_ongoing_requests": settings.ongoing_requests(),
+        "max_ongoing_requests": bound + REFUSAL_HEADROOM,
+        "max_queued_requests": REFUSAL_HEADROOM,
+        "backpressure_config": BackpressureConfig(status_code=429, retry_after_s=RETRY_AFTER_S),
     }
     if settings.min_replicas is not None:
         options["autoscaling_config"] = {"min_replicas": settings.min_replicas,
@@ -147,7 +165,12 @@ def deployment_options(settings: ServeSettings) -> dict[str, Any]:
 
 
 def build_app(settings: ServeSettings) -> serve.Application:
-    """The Serve application for `settings` (pass it to `serve.run`)."""
+    """The Serve application for `settings` (pass it to `serve.run`). An API key must come by file
+    (`api_key_file`) or environment variable (`api_key_env`), read on each replica: the arguments
+    become Serve's app config."""
+    if settings.api_key:
+        raise ServeError("api_key would be stored in Serve's application config (shown by its dashboard and "
+                         "API): give api_key_file (a file every replica can read) or api_key_env instead")
     settings = _absolute_paths(settings)
     # `@serve.deployment` made the class a Deployment (mypy types a decorated class as the class).
     deployment = cast(serve.Deployment, RaylignServer)

@@ -19,9 +19,14 @@ request (a row = one prompt x one of its `n` choices):
   with that row's own `torch.Generator` (seeded from the request's `seed`, else at random), or takes
   the argmax for temperature 0. A row's draw depends only on its own logits and generator.
 * stopping - `RowProgress` ends each row on EOS, on its own `max_tokens`, on one of its `stop`
-  strings (cut from the text, as OpenAI does), or when its request was cancelled (timeout, client gone).
+  strings (cut from the text, as OpenAI does), or when its request was cancelled (client gone) or ran
+  past its deadline. A request cancelled or past its deadline while it waits for admission is dropped
+  before its prefill.
 * streaming - after every step each admission's `emit` gets its rows' new text, holding back text
   that may still turn out to be the start of a stop string or an incomplete UTF-8 character.
+
+A decode thread that dies (an error outside any one request) fails every request it holds at once and
+makes `check_alive` raise, which the replica's health check reports so that Serve replaces it.
 
 The engine is plain torch/transformers (no Ray); `raylign.serving.deployment` wraps it in Serve.
 """
@@ -66,12 +71,14 @@ class Sampling:
 
 @dataclass
 class Job:
-    """One request: its tokenized prompts, each sampled `n` times. Rows are prompt-major."""
+    """One request: its tokenized prompts, each sampled `n` times. Rows are prompt-major. `deadline`
+    (`time.monotonic()`) is when its request times out; the engine drops it from then on."""
 
     prompt_ids: list[list[int]]
     sampling: Sampling
     n: int = 1
     stream: bool = False
+    deadline: float | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -80,6 +87,14 @@ class Job:
 
     def cancel(self) -> None:
         self.cancelled.set()
+
+    def gone(self, now: float) -> bool:
+        """Cancelled, or past its deadline at `now`: no more work for it."""
+        return self.cancelled.is_set() or (self.deadline is not None and now >= self.deadline)
+
+
+class EngineDead(RuntimeError):
+    """The decode thread has stopped: this engine serves no more requests (the replica must be replaced)."""
 
 
 @dataclass
@@ -324,8 +339,10 @@ class Engine:
         self._lock = threading.Condition()
         self._waiting: deque[_Admission] = deque()
         self._thread: threading.Thread | None = None
+        self._died: BaseException | None = None  # what stopped the decode thread
         # Owned by the decode thread: the running batch.
         self._rows: list[_Row] = []
+        self._joining: list[_Admission] = []  # taken from the waiting queue, not yet in the running batch
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None  # [rows, length], 1 = a real token
         self._logits: torch.Tensor | None = None  # [rows, vocab], the next token's
@@ -371,6 +388,8 @@ class Engine:
             admission.future.set_result(admission.result())
             return admission.future
         with self._lock:
+            if self._died is not None:
+                raise EngineDead(f"the decode thread stopped: {self._died!r}")
             self._waiting.append(admission)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._decode_forever, name="raylign-decode", daemon=True)
@@ -382,14 +401,34 @@ class Engine:
         """`submit` and wait for the result."""
         return self.submit(jobs, emit).result()
 
+    def check_alive(self) -> None:
+        """Raise `EngineDead` if the decode thread has stopped (it starts with the first request)."""
+        if self._died is not None or (self._thread is not None and not self._thread.is_alive()):
+            raise EngineDead(f"the decode thread stopped: {self._died!r}")
+
     # ---- the decode thread -----------------------------------------------------------------------
     def _decode_forever(self) -> None:
+        try:
+            self._decode_loop()
+        except BaseException as error:  # noqa: BLE001 - outside any one request: the engine is done
+            log.critical("raylign: the decode thread stopped: %r", error, exc_info=True)
+            with self._lock:
+                self._died = error
+                pending = [*self._waiting, *self._joining,
+                           *{id(r.admission): r.admission for r in self._rows}.values()]
+                self._waiting.clear()
+            dead = EngineDead(f"the decode thread stopped: {error!r}")
+            for admission in pending:
+                if not admission.future.done():
+                    admission.future.set_exception(dead)
+
+    def _decode_loop(self) -> None:
         torch.set_num_threads(self._threads)  # the creating thread's setting (thread-local under OpenMP)
         while True:
             with self._lock:
                 while not self._waiting and not self._rows:
                     self._lock.wait()
-                joining = self._admit()
+                self._joining = joining = self._admit()
             with torch.inference_mode():
                 for admission in joining:
                     try:
@@ -408,14 +447,42 @@ class Engine:
 
     def _admit(self) -> list[_Admission]:
         """Waiting admissions that fit, first come first served (one too big for `max_rows` joins an
-        empty batch alone)."""
+        empty batch alone). Rows of requests that are gone (cancelled, past their deadline) take no room."""
         live = len(self._rows)
         joining = []
-        while self._waiting and (live == 0 or live + len(self._waiting[0].rows) <= self.max_rows):
-            admission = self._waiting.popleft()
-            live += len(admission.rows)
-            joining.append(admission)
+        now = time.monotonic()
+        while self._waiting:
+            rows = sum(not job.gone(now) for job in self._row_jobs(self._waiting[0]))
+            if live and live + rows > self.max_rows:
+                break
+            live += rows
+            joining.append(self._waiting.popleft())
         return joining
+
+    @staticmethod
+    def _row_jobs(admission: _Admission) -> list[Job]:
+        return [admission.jobs[row.job] for row in admission.rows]
+
+    def _drop_gone(self, admission: _Admission) -> list[_Row]:
+        """Finish, without prefill, the rows of `admission` whose request is gone; the rows left."""
+        now = time.monotonic()
+        gone: dict[int, list[RowUpdate]] = {}
+        live = []
+        for row in admission.rows:
+            if admission.jobs[row.job].gone(now):
+                row.finish = "cancelled"
+                admission.open_rows -= 1
+                gone.setdefault(row.job, []).append(RowUpdate(row.index, "", "cancelled", 0))
+            else:
+                live.append(row)
+        if gone and admission.emit is not None:
+            try:
+                admission.emit(gone)
+            except Exception:  # noqa: BLE001 - its listener is gone: nothing left to tell
+                admission.emit = None
+        if not live and not admission.future.done():
+            admission.future.set_result(admission.result())
+        return live
 
     def _reset(self) -> None:
         self._rows, self._cache, self._mask, self._logits, self._sampler = [], None, None, None, None
@@ -427,7 +494,10 @@ class Engine:
         return self._cache, self._mask, self._logits
 
     def _join(self, admission: _Admission) -> None:
-        kv, mask, logits = self._prefill([row.prompt for row in admission.rows])
+        rows = self._drop_gone(admission)
+        if not rows:
+            return
+        kv, mask, logits = self._prefill([row.prompt for row in rows])
         if self._rows:  # both sides padded on the left to a common length, then stacked
             cache, running_mask, running_logits = self._running()
             length = max(mask.shape[1], running_mask.shape[1])
@@ -438,7 +508,7 @@ class Engine:
             logits = torch.cat([running_logits, logits])
         self._cache = DynamicCache(ddp_cache_data=kv)
         self._mask, self._logits = mask, logits
-        self._rows = self._rows + admission.rows
+        self._rows = self._rows + rows
         self._sampler = None
 
     def _prefill(self, prompts: list[list[int]]) -> tuple[KV, torch.Tensor, torch.Tensor]:
@@ -486,10 +556,11 @@ class Engine:
         tokens = self._sampler.choose(logits)
         updates: dict[int, dict[int, list[RowUpdate]]] = {}
         admissions: dict[int, _Admission] = {}
+        now = time.monotonic()
         for row, token in zip(rows, tokens.tolist(), strict=True):
             admission = row.admission
             admissions[id(admission)] = admission
-            update = self._progress.advance(row, token, admission.jobs[row.job].cancelled.is_set())
+            update = self._progress.advance(row, token, admission.jobs[row.job].gone(now))
             if update is not None:
                 updates.setdefault(id(admission), {}).setdefault(row.job, []).append(update)
             if row.finish is not None:

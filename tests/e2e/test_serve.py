@@ -2,8 +2,9 @@
 streaming and n>1 with token counts; 200 concurrent requests batched together; every kind of bad
 request; schemathesis fuzzing of the published OpenAPI schema.
 
-One Serve application (tiny:llama, lexicon:vader as the /v1/score reward, an API key) for the whole
-module, on the session's shared Ray; Serve is shut down at the end so later tests are unaffected.
+One Serve application (tiny:llama, lexicon:vader as the /v1/score reward, an API key read by the replica
+from a file) for the whole module, on the session's shared Ray; Serve is shut down at the end so later
+tests are unaffected.
 """
 
 from __future__ import annotations
@@ -50,12 +51,14 @@ def server(ray_session, tmp_path_factory):
     from raylign.serving.deployment import APP_NAME
 
     logs = tmp_path_factory.mktemp("serve-logs")
+    key_file = tmp_path_factory.mktemp("secrets") / "api-key"
+    key_file.write_text(KEY + "\n")
     port = _free_port()
     settings = ServeSettings(
         model=MODEL, reward_model="lexicon:vader", max_batch_size=32, batch_wait_ms=50,
         max_tokens_limit=MAX_TOKENS_LIMIT, default_max_tokens=12, max_n=4, max_prompts=4,
-        max_body_bytes=20_000, request_timeout_s=60, api_key=KEY, require_api_key=True,
-        num_cpus=1, logs_dir=str(logs),
+        max_body_bytes=20_000, request_timeout_s=60, api_key_file=str(key_file), require_api_key=True,
+        max_queued_requests=200, num_cpus=1, logs_dir=str(logs),
     )
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
@@ -293,6 +296,7 @@ def test_each_bad_request_gets_its_4xx_then_a_good_one_works(server, client):
         ("unsupported parameter", post({**good, "logprobs": 3}), 400, None),
         ("unknown model", post({**good, "model": "gpt-4o"}), 404, "model_not_found"),
         ("no API key", post(good, headers={}), 401, "invalid_api_key"),
+        ("bad JSON and no API key", post(content=b'{"prompt": ', headers={}), 401, "invalid_api_key"),
         ("wrong API key", post(good, headers={"Authorization": "Bearer nope"}), 401, "invalid_api_key"),
         ("unknown route", post(good, "/embeddings"), 404, None),
         ("wrong method", httpx.get(server.v1 + "/completions", headers=auth), 405, None),

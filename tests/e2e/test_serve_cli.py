@@ -1,5 +1,6 @@
 """`raylign serve` as a user runs it: it starts its own Ray and Serve, prints the URL and a curl command
-that works as printed, serves until Ctrl-C, then shuts Serve and Ray down and exits 0."""
+that works as printed, serves until Ctrl-C, then shuts Serve and Ray down and exits 0. The API key,
+given in the environment, reaches the replicas without appearing in any process's command line."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -53,6 +55,19 @@ def _read_until(lines: queue.Queue, marker: str, timeout_s: float) -> list[str]:
     raise AssertionError(f"no {marker!r} from raylign serve; output:\n" + "\n".join(seen))
 
 
+def _command_lines_with(text: str) -> list[str]:
+    """Command lines of this machine's processes that contain `text` (what `ps` shows every user)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        if text in args:
+            found.append(args)
+    return found
+
+
 def _drain(lines: queue.Queue) -> list[str]:
     """Every line left, up to the end marker (the process has exited)."""
     out = []
@@ -75,6 +90,8 @@ def test_raylign_serve_prints_a_working_curl_and_stops_on_ctrl_c():
         text = "\n".join(lines)
         assert f"raylign: serving tiny:llama at http://127.0.0.1:{port}/v1" in text
         assert "requests need 'Authorization: Bearer <key>'" in text  # the key came from $RAYLIGN_API_KEY
+        assert "queued per replica (more get 429)" in text
+        assert _command_lines_with(KEY) == []  # not in `ps`: not on Ray's, Serve's or a replica's command line
         (curl,) = [line.removeprefix("try:").strip() for line in lines if line.startswith("try:")]
         assert curl.startswith("curl ") and "$RAYLIGN_API_KEY" in curl and KEY not in curl
         answer = subprocess.run(["bash", "-c", curl + " --silent --show-error --fail-with-body"], env=env,

@@ -1,0 +1,133 @@
+"""Overload through Serve's proxy, as clients see it: 400 concurrent requests against a replica that works
+on 8 and queues 8, with a short request timeout. Every answer is a 200, a 429 (with Retry-After) or a
+408, each with a valid OpenAI completion or error body; no answer took the replica longer than the
+timeout (time queued included), read from its `Server-Timing` header, and the p99 latency clients see
+is the timeout plus what the trip outside the replica cost, measured on the refusals (on a loaded
+2-core machine a burst of 400 requests through Serve's proxy costs seconds by itself). Also: a keyless
+loopback server refuses a non-loopback Host header behind the proxy.
+
+One Serve application (tiny:llama, keyless, loopback Host names only) for the whole module, on the
+session's shared Ray; Serve is shut down at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import socket
+import time
+
+import pytest
+
+pytestmark = pytest.mark.ray
+
+MODEL = "tiny:llama"
+TIMEOUT_S = 3.0
+REQUESTS = 400
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def url(ray_session):
+    from ray import serve
+
+    from raylign.serving import ServeSettings, build_app
+    from raylign.serving.deployment import APP_NAME
+    from raylign.serving.settings import LOOPBACK_NAMES, PROXY_TIMEOUT_GRACE_S
+
+    port = _free_port()
+    settings = ServeSettings(model=MODEL, max_batch_size=8, batch_wait_ms=20, max_tokens_limit=32,
+                             max_ongoing_requests=8, max_queued_requests=8, request_timeout_s=TIMEOUT_S,
+                             allowed_hosts=LOOPBACK_NAMES, num_cpus=1)
+    serve.start(http_options={"host": "127.0.0.1", "port": port,
+                              "request_timeout_s": TIMEOUT_S + PROXY_TIMEOUT_GRACE_S})
+    try:
+        serve.run(build_app(settings), name=APP_NAME, route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+
+
+def _replica_seconds(response) -> float:
+    """How long the replica held the request (its `Server-Timing: replica;dur=<ms>`)."""
+    timing = dict(part.strip().split("=", 1) for part in response.headers["server-timing"].split(";")[1:])
+    return float(timing["dur"]) / 1000
+
+
+def _p(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+def test_400_concurrent_requests_get_200_429_or_408_within_the_timeout(url):
+    import httpx
+
+    from raylign.serving.protocol import ChatCompletionResponse, CompletionResponse, ErrorResponse
+
+    def request(i: int) -> tuple[str, dict]:
+        if i % 3 == 0:
+            return "/v1/chat/completions", {"messages": [{"role": "user", "content": f"Tell me a story {i}"}],
+                                            "max_tokens": 8 + i % 9, "temperature": 0.7}
+        return "/v1/completions", {"prompt": f"Once upon a time {i}", "max_tokens": 8 + i % 9, "n": 1 + (i % 4 == 1)}
+
+    async def run_all():
+        limits = httpx.Limits(max_connections=REQUESTS, max_keepalive_connections=REQUESTS)
+        async with httpx.AsyncClient(base_url=url, limits=limits, timeout=TIMEOUT_S * 10) as client:
+            async def one(i):
+                route, body = request(i)
+                start = time.monotonic()
+                response = await client.post(route, json=body)
+                return route, response, time.monotonic() - start, _replica_seconds(response)
+
+            return await asyncio.gather(*(one(i) for i in range(REQUESTS)))
+
+    answers = asyncio.run(run_all())
+    statuses: dict[int, int] = {}
+    for route, response, _, _ in answers:
+        statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+        assert response.status_code in (200, 429, 408), (response.status_code, response.text)
+        assert response.headers["content-type"].startswith("application/json"), response.text
+        if response.status_code == 200:
+            kind = ChatCompletionResponse if route == "/v1/chat/completions" else CompletionResponse
+            reply = kind.model_validate(response.json())
+            assert reply.choices and all(c.finish_reason in ("stop", "length") for c in reply.choices)
+        else:
+            error = ErrorResponse.model_validate(response.json()).error
+            assert error.message and error.code == {429: "server_busy", 408: "timeout"}[response.status_code]
+            if response.status_code == 429:
+                assert int(response.headers["retry-after"]) >= 1
+    assert statuses.get(200, 0) > 0 and statuses.get(429, 0) > 0, statuses
+    # On the replica: a refusal takes only the replica's own event-loop lag; a 408 is sent at the deadline
+    # (counted from arrival, queued time included) plus that lag; so nothing exceeds the timeout by more.
+    refused_on_replica = [replica for _, r, _, replica in answers if r.status_code == 429]
+    slack = 0.25 + 2 * max(refused_on_replica)
+    on_replica = [replica for _, _, _, replica in answers]
+    assert max(on_replica) <= TIMEOUT_S + slack, (statuses, max(on_replica), slack)
+    # As clients see it: the timeout, plus that slack, plus the trip outside the replica (client, proxy)
+    # as the refusals measured it.
+    outside = [seconds - replica for _, r, seconds, replica in answers if r.status_code == 429]
+    latencies = [seconds for _, _, seconds, _ in answers]
+    assert _p(latencies, 0.99) <= TIMEOUT_S + slack + _p(outside, 0.99), (
+        statuses, _p(latencies, 0.99), slack, _p(outside, 0.99))
+    # the server is not wedged: once the burst is over, a request is served
+    after = httpx.post(url + "/v1/completions", json={"prompt": "Hello", "max_tokens": 2}, timeout=30)
+    assert after.status_code == 200, after.text
+
+
+def test_a_keyless_loopback_server_refuses_other_host_names_behind_the_proxy(url):
+    """Item 10 behind Serve's proxy: the Host header reaches the replica as the client sent it."""
+    import httpx
+
+    for host in ("evil.example", "evil.example:80", "192.168.1.20:8000"):
+        r = httpx.get(url + "/v1/models", headers={"Host": host}, timeout=30)
+        assert r.status_code == 403 and r.json()["error"]["code"] == "host_not_allowed", r.text
+    ok = httpx.get(url + "/v1/models", timeout=30)
+    assert ok.status_code == 200
+    # the replica uses the request id Serve's proxy gave the request (one id, the one Serve logs)
+    assert len(ok.headers.get_list("x-request-id")) == 1
+    assert httpx.get(url.replace("127.0.0.1", "localhost") + "/health", timeout=30).status_code == 200
