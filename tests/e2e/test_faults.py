@@ -96,24 +96,31 @@ def _logged(run_dir, step):
     return lambda: metrics.exists() and f'"step": {step},' in metrics.read_text()
 
 
-@pytest.mark.parametrize("role", ["rollout-0", "reward-0"])
-def test_a_killed_rollout_or_reward_worker_is_restarted_and_the_run_unchanged(tmp_path, baseline, role):
-    config = _config(tmp_path, "worker")
+def test_killed_rollout_and_reward_workers_are_restarted_and_the_run_unchanged(tmp_path, baseline):
+    config = _config(tmp_path, "workers")
+    run_dir = tmp_path / "runs" / "workers"
     thread, outcome = _in_thread(config)
-    _wait_for(_logged(tmp_path / "runs" / "worker", 1))
-    ray.kill(run_actor("worker", role), no_restart=False)  # a crash: Ray restarts it and retries its call
+    for step, role in ((1, "rollout-0"), (3, "reward-0")):
+        _wait_for(_logged(run_dir, step))
+        ray.kill(run_actor("workers", role), no_restart=False)  # a crash: Ray restarts it and retries its call
     thread.join(timeout=300)
     assert not thread.is_alive() and "error" not in outcome, outcome
-    _assert_same_run(tmp_path / "runs" / "worker", baseline)
+    _assert_same_run(run_dir, baseline)
 
 
-def test_a_killed_learner_stops_the_run_at_once_and_a_torn_log_still_resumes(tmp_path, baseline):
-    config = _config(tmp_path, "learner")
-    run_dir = tmp_path / "runs" / "learner"
+def test_a_killed_learner_a_torn_log_and_a_full_disk_each_stop_or_resume_cleanly(tmp_path, baseline, monkeypatch):
+    """One run broken three times: a learner killed in step 3 (stops at once, one error, no actor
+    left), the log torn, resumed into a full disk at the step-4 checkpoint (one message, step_2
+    intact, no half-written step_4), resumed once more to the end: the uninterrupted run's metrics."""
+    import raylign.pipelines.loop as loop
+
+    config = _config(tmp_path, "broken")
+    run_dir = tmp_path / "runs" / "broken"
+    checkpoints = run_dir / "checkpoints"
     thread, outcome = _in_thread(config)
-    learner = run_actor("learner", "policy-1")
+    learner = run_actor("broken", "policy-1")
     pid = ray.get(learner.__ray_call__.remote(lambda self: os.getpid()))
-    _wait_for(lambda: (run_dir / "checkpoints" / "step_2").is_dir())
+    _wait_for(lambda: (checkpoints / "step_2").is_dir())
     killed_at = time.monotonic()
     os.kill(pid, signal.SIGKILL)
     thread.join(timeout=120)
@@ -122,19 +129,12 @@ def test_a_killed_learner_stops_the_run_at_once_and_a_torn_log_still_resumes(tmp
     assert isinstance(error, RunStopped), outcome
     assert "policy[" in str(error) and "the worker died" in str(error) and "--resume" in str(error)
     assert outcome["failed_at"] - killed_at < 30
-    assert not [n for n in ray.util.list_named_actors() if n.startswith("raylign-learner-")]  # all released
-    assert (run_dir / "checkpoints" / "step_2").is_dir() and not list((run_dir / "checkpoints").glob(".tmp*"))
+    assert not [n for n in ray.util.list_named_actors() if n.startswith("raylign-broken-")]  # all released
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_2"]
+
     with open(run_dir / METRICS_FILE, "a", encoding="utf-8") as log:
         log.write('{"step": 3, "reward/me')  # the last line cut mid-write
-    run_pipeline(config, resume=True)
-    _assert_same_run(run_dir, baseline)
 
-
-def test_a_full_disk_during_a_checkpoint_stops_with_one_message_and_resumes(tmp_path, baseline, monkeypatch):
-    import raylign.pipelines.loop as loop
-
-    config = _config(tmp_path, "disk")
-    run_dir = tmp_path / "runs" / "disk"
     real_write = loop.write_trainer_state
 
     def full_at_step_4(path, state):
@@ -144,8 +144,7 @@ def test_a_full_disk_during_a_checkpoint_stops_with_one_message_and_resumes(tmp_
 
     monkeypatch.setattr(loop, "write_trainer_state", full_at_step_4)
     with pytest.raises(RunStopped, match="is full; the run stopped and the last checkpoint, step_2, is intact"):
-        run_pipeline(config)
-    checkpoints = run_dir / "checkpoints"
+        run_pipeline(config, resume=True)
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step_2"]  # no half-written step_4
     assert not (run_dir / "final").exists()
     monkeypatch.setattr(loop, "write_trainer_state", real_write)  # space freed

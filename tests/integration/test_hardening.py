@@ -33,6 +33,10 @@ def _run_actors(name: str) -> list[str]:
     return [n for n in ray.util.list_named_actors() if n.startswith(f"raylign-{name}-")]
 
 
+def _live_placement_groups() -> list[str]:
+    return [pg["name"] for pg in ray.util.placement_group_table().values() if pg["state"] != "REMOVED"]
+
+
 def _all_finite(safetensors_file: Path) -> bool:
     return all(bool(math.isfinite(float(abs(t).max()))) for t in load_file(str(safetensors_file)).values() if t.size)
 
@@ -69,7 +73,7 @@ def test_a_hung_reward_call_times_out_naming_the_actor_and_releases_everything(t
     with pytest.raises(RunStopped, match=r"reward\[0\]\.score did not return within resources.call_timeout_s=5s"):
         run_pipeline(config)
     assert time.monotonic() - started < 120
-    assert _run_actors("hung") == []
+    assert _run_actors("hung") == [] and _live_placement_groups() == []
 
 
 def test_prompt_plus_completion_longer_than_the_context_is_refused_at_start(tmp_path):
@@ -88,7 +92,7 @@ def test_two_runs_with_one_name_on_one_cluster_do_not_collide(tmp_path):
     def train(i: int) -> None:
         try:
             results[i] = run_pipeline(load_config("grpo", RL + [
-                f"output.dir={tmp_path}/trial{i}", "output.name=run", "train.max_steps=2", "rl.eval_prompts=0",
+                f"output.dir={tmp_path}/trial{i}", "output.name=run", "train.max_steps=1", "rl.eval_prompts=0",
                 "resources.cpus_per_learner=0.25", "resources.cpus_per_rollout_worker=0.25"]))
         except BaseException as exc:  # noqa: BLE001 - asserted below
             results[i] = exc

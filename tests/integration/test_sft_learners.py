@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -80,29 +75,27 @@ def test_two_learners_match_one_learner_on_the_whole_batch(tmp_path, pairs_file)
         np.testing.assert_allclose(two[name], one[name], rtol=1e-4, atol=2e-5, err_msg=name)
 
 
-def _train_cmd(tmp_path, pairs_file, name, *extra):
-    return [sys.executable, "-m", "raylign.cli", "train", "sft", *TINY, f"data.train={pairs_file}",
-            f"output.dir={tmp_path}/runs", "train.lr=3e-3", "train.batch_size=8", "train.max_steps=12",
-            "output.save_every=4", "resources.cpus_per_learner=0.5", f"output.name={name}", *extra]
+def test_interrupted_run_resumes_to_the_same_final_loss(tmp_path, pairs_file):
+    """Ctrl-C after the step-8 checkpoint (in-process, on the shared Ray; kill -9 of the driver:
+    test_online_rl.py, of a learner: tests/e2e/test_faults.py), then --resume: steps 9-12 repeat the
+    uninterrupted run."""
 
+    def config(name):
+        return _sft_config(tmp_path, pairs_file, "train.max_steps=12", "output.save_every=4", f"output.name={name}")
 
-def test_killed_run_resumes_to_the_same_final_loss(tmp_path, pairs_file):
-    env = dict(os.environ, RAY_ADDRESS="")  # each CLI run starts its own local Ray
-    subprocess.run(_train_cmd(tmp_path, pairs_file, "full"), check=True, env=env, timeout=300)
+    run_pipeline(config("full"))
 
-    proc = subprocess.Popen(_train_cmd(tmp_path, pairs_file, "killed"), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    ckpt = tmp_path / "runs" / "killed" / "checkpoints" / "step_8"
-    deadline = time.time() + 240
-    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    assert ckpt.exists(), "the run never wrote its step-8 checkpoint"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    subprocess.run(_train_cmd(tmp_path, pairs_file, "killed", "--resume"), check=True, env=env, timeout=300)
+    def interrupt_at_8(step, metrics):
+        if step == 8:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(config("stopped"), on_step=interrupt_at_8)
+    assert not list((tmp_path / "runs" / "stopped" / "checkpoints").glob(".tmp*"))
+    run_pipeline(config("stopped"), resume=True)
 
     full = {r["step"]: r for r in read_metrics(tmp_path / "runs" / "full") if "train/loss" in r}
-    resumed = {r["step"]: r for r in read_metrics(tmp_path / "runs" / "killed") if "train/loss" in r}
+    resumed = {r["step"]: r for r in read_metrics(tmp_path / "runs" / "stopped") if "train/loss" in r}
     assert sorted(resumed) == list(range(1, 13))  # no step lost or logged twice
     for step in range(9, 13):
         assert resumed[step]["train/loss"] == pytest.approx(full[step]["train/loss"], rel=1e-5, abs=1e-6)
