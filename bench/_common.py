@@ -69,3 +69,44 @@ def alternate_runs(sides: list[str], repeat: int, run_side: Callable[[str, int],
         for res in best:
             print(describe(res))
     return runs, best
+
+
+async def raw_post(host: str, port: int, path: str, body: dict[str, Any],
+                   headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes, float]:
+    """POST `body` as JSON over one fresh HTTP/1.1 connection (Connection: close) with asyncio streams:
+    (status, headers lower-cased, body, seconds). A load generator this thin costs the server's machine
+    almost nothing: `httpx.AsyncClient` holding 400 connections spends seconds per burst on a 2-core
+    machine by itself (a trivial server answered 400 requests at p99 10 s through it, 0.2 s through this)."""
+    import asyncio
+    import json
+    import time
+
+    start = time.monotonic()
+    reader, writer = await asyncio.open_connection(host, port)
+    data = json.dumps(body).encode()
+    head = [f"POST {path} HTTP/1.1", f"Host: {host}:{port}", "Content-Type: application/json",
+            f"Content-Length: {len(data)}", "Connection: close",
+            *(f"{k}: {v}" for k, v in (headers or {}).items())]
+    writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + data)
+    await writer.drain()
+    raw = await reader.read()
+    writer.close()
+    seconds = time.monotonic() - start
+    head_bytes, _, payload = raw.partition(b"\r\n\r\n")
+    lines = head_bytes.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ", 2)[1])
+    fields = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    if fields.get("transfer-encoding") == "chunked":
+        payload = _dechunk(payload)
+    return status, fields, payload, seconds
+
+
+def _dechunk(payload: bytes) -> bytes:
+    out, rest = b"", payload
+    while rest:
+        size_line, _, rest = rest.partition(b"\r\n")
+        size = int(size_line.split(b";")[0] or b"0", 16)
+        if size == 0:
+            break
+        out, rest = out + rest[:size], rest[size + 2 :]
+    return out

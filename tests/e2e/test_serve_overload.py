@@ -1,9 +1,9 @@
 """Overload through Serve's proxy, as clients see it: 400 concurrent requests against a replica that works
 on 8 and queues 8, with a short request timeout. Every answer is a 200, a 429 (with Retry-After) or a
 408, each with a valid OpenAI completion or error body; no answer took the replica longer than the
-timeout (time queued included), read from its `Server-Timing` header, and the p99 latency clients see
-is the timeout plus what the trip outside the replica cost, measured on the refusals (on a loaded
-2-core machine a burst of 400 requests through Serve's proxy costs seconds by itself). Also: a keyless
+timeout (time queued included), read from its `Server-Timing` header, and the p99 latency a client
+sees stays within the timeout (plus a second for Serve's proxy). Measured with a thin client (raw
+asyncio HTTP/1.1, `bench/_common.raw_post`): httpx holding 400 connections costs this machine seconds. Also: a keyless
 loopback server refuses a non-loopback Host header behind the proxy.
 
 One Serve application (tiny:llama, keyless, loopback Host names only) for the whole module, on the
@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import math
 import socket
-import time
 
 import pytest
 
@@ -53,9 +52,9 @@ def url(ray_session):
         serve.shutdown()
 
 
-def _replica_seconds(response) -> float:
+def _replica_seconds(headers) -> float:
     """How long the replica held the request (its `Server-Timing: replica;dur=<ms>`)."""
-    timing = dict(part.strip().split("=", 1) for part in response.headers["server-timing"].split(";")[1:])
+    timing = dict(part.strip().split("=", 1) for part in headers["server-timing"].split(";")[1:])
     return float(timing["dur"]) / 1000
 
 
@@ -67,7 +66,10 @@ def _p(values: list[float], q: float) -> float:
 def test_400_concurrent_requests_get_200_429_or_408_within_the_timeout(url):
     import httpx
 
+    from bench._common import raw_post
     from raylign.serving.protocol import ChatCompletionResponse, CompletionResponse, ErrorResponse
+
+    port = int(url.rsplit(":", 1)[1])
 
     def request(i: int) -> tuple[str, dict]:
         if i % 3 == 0:
@@ -76,44 +78,40 @@ def test_400_concurrent_requests_get_200_429_or_408_within_the_timeout(url):
         return "/v1/completions", {"prompt": f"Once upon a time {i}", "max_tokens": 8 + i % 9, "n": 1 + (i % 4 == 1)}
 
     async def run_all():
-        limits = httpx.Limits(max_connections=REQUESTS, max_keepalive_connections=REQUESTS)
-        async with httpx.AsyncClient(base_url=url, limits=limits, timeout=TIMEOUT_S * 10) as client:
-            async def one(i):
-                route, body = request(i)
-                start = time.monotonic()
-                response = await client.post(route, json=body)
-                return route, response, time.monotonic() - start, _replica_seconds(response)
+        # A thin client (raw asyncio HTTP/1.1): httpx holding 400 connections costs this 2-core machine
+        # seconds per burst by itself, which would be measured as server latency.
+        async def one(i):
+            route, body = request(i)
+            status, headers, payload, seconds = await raw_post("127.0.0.1", port, route, body)
+            return route, status, headers, payload, seconds
 
-            return await asyncio.gather(*(one(i) for i in range(REQUESTS)))
+        return await asyncio.gather(*(one(i) for i in range(REQUESTS)))
 
     answers = asyncio.run(run_all())
     statuses: dict[int, int] = {}
-    for route, response, _, _ in answers:
-        statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
-        assert response.status_code in (200, 429, 408), (response.status_code, response.text)
-        assert response.headers["content-type"].startswith("application/json"), response.text
-        if response.status_code == 200:
+    for route, status, headers, payload, _ in answers:
+        statuses[status] = statuses.get(status, 0) + 1
+        assert status in (200, 429, 408), (status, payload[:300])
+        assert headers["content-type"].startswith("application/json"), payload[:300]
+        if status == 200:
             kind = ChatCompletionResponse if route == "/v1/chat/completions" else CompletionResponse
-            reply = kind.model_validate(response.json())
+            reply = kind.model_validate_json(payload)
             assert reply.choices and all(c.finish_reason in ("stop", "length") for c in reply.choices)
         else:
-            error = ErrorResponse.model_validate(response.json()).error
-            assert error.message and error.code == {429: "server_busy", 408: "timeout"}[response.status_code]
-            if response.status_code == 429:
-                assert int(response.headers["retry-after"]) >= 1
+            error = ErrorResponse.model_validate_json(payload).error
+            assert error.message and error.code == {429: "server_busy", 408: "timeout"}[status]
+            if status == 429:
+                assert int(headers["retry-after"]) >= 1
     assert statuses.get(200, 0) > 0 and statuses.get(429, 0) > 0, statuses
     # On the replica: a refusal takes only the replica's own event-loop lag; a 408 is sent at the deadline
     # (counted from arrival, queued time included) plus that lag; so nothing exceeds the timeout by more.
-    refused_on_replica = [replica for _, r, _, replica in answers if r.status_code == 429]
+    on_replica = [_replica_seconds(headers) for _, _, headers, _, _ in answers]
+    refused_on_replica = [t for t, (_, status, *_) in zip(on_replica, answers, strict=True) if status == 429]
     slack = 0.25 + 2 * max(refused_on_replica)
-    on_replica = [replica for _, _, _, replica in answers]
     assert max(on_replica) <= TIMEOUT_S + slack, (statuses, max(on_replica), slack)
-    # As clients see it: the timeout, plus that slack, plus the trip outside the replica (client, proxy)
-    # as the refusals measured it.
-    outside = [seconds - replica for _, r, seconds, replica in answers if r.status_code == 429]
-    latencies = [seconds for _, _, seconds, _ in answers]
-    assert _p(latencies, 0.99) <= TIMEOUT_S + slack + _p(outside, 0.99), (
-        statuses, _p(latencies, 0.99), slack, _p(outside, 0.99))
+    # As clients see it: within the timeout, plus that slack and a second for the trip through Serve's proxy.
+    latencies = [seconds for *_, seconds in answers]
+    assert _p(latencies, 0.99) <= TIMEOUT_S + slack + 1.0, (statuses, _p(latencies, 0.99), slack)
     # the server is not wedged: once the burst is over, a request is served
     after = httpx.post(url + "/v1/completions", json={"prompt": "Hello", "max_tokens": 2}, timeout=30)
     assert after.status_code == 200, after.text
