@@ -277,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_annotate_parser(data_sub)
     _add_eval_parsers(sub)
     _add_serve_parser(sub)
+    from raylign.annotation.cli import add_annotate_parser
+
+    add_annotate_parser(sub)
     _add_tune_parsers(sub)
     return parser
 
