@@ -47,6 +47,8 @@ def gather(refs: Sequence[ray.ObjectRef], labels: Sequence[str], timeout_s: floa
     raises `RunStopped` naming it, and a user error raised inside an actor surfaces as itself, without
     the remote traceback. `labels[i]` names call i ("learners[1].train_step")."""
     refs = list(refs)
+    if not refs:
+        return []
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     pending = list(refs)
     while pending:

@@ -19,10 +19,15 @@ from raylign.rundir import read_metrics, read_trainer_state
 class FakeGroup:
     """Records calls like a WorkerGroup would receive them; optionally fails one method."""
 
+    name = "fake"
+
     def __init__(self, fail: str | None = None):
         self.calls: list[str] = []
         self.fail = fail
         self.released = False
+
+    def ready_async(self) -> list[Any]:
+        return []  # constructed at once: nothing to wait for
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
         self.calls.append(method)
