@@ -38,8 +38,8 @@ each answer on; the side is recorded with the judgment (`shown_left`).
 
 `raylign annotate make --items F --kind K [--overlap k] [--gold G] --out TASK.jsonl` writes a task from
 ready answers: F holds rows of the item's fields (item_id optional: `<kind>-<n>`), or for pairwise a
-raylign pairs file {prompt, chosen, rejected} (response_a = chosen, response_b = rejected, sources
-"chosen" / "rejected"), for human-vs-model rows {prompt, human, model[, model_name]}, for rating rows
+raylign pairs file {prompt, chosen, rejected} (chosen and rejected as A and B in an order drawn per
+item, sources "chosen" / "rejected"), for human-vs-model rows {prompt, human, model[, model_name]}, for rating rows
 {prompt, completion} or {text}. G holds gold items in the same shapes, each with `gold`. Any format
 `raylign data validate` reads (JSONL, CSV, Parquet, ...).
 """
@@ -276,18 +276,26 @@ def item_fingerprint(record: dict[str, Any]) -> str:
 # ---- `raylign annotate make` ----------------------------------------------------------------------
 
 
+def _assign_sides(row: dict[str, Any], first: tuple[str, str], second: tuple[str, str]) -> None:
+    """Which answer is A, drawn per item from a hash of the two texts (so the same file always makes
+    the same task). A pairs file's chosen answer must not always be A: choices over a/b would then
+    have one category only, and Krippendorff's α and Fleiss' κ are 0 by construction however well
+    people agree. `source_a`/`source_b` say which answer is which."""
+    digest = hashlib.sha256(json.dumps([first[0], second[0]], ensure_ascii=False).encode()).digest()
+    a, b = (second, first) if digest[0] & 1 else (first, second)
+    row["response_a"], row["source_a"] = a
+    row["response_b"], row["source_b"] = b
+
+
 def _normalise(values: dict[str, Any], kind: str) -> dict[str, Any]:
     """An input row in one of the accepted shapes (module docstring) as item fields."""
     row = {k: v for k, v in values.items() if v is not None}
     row.setdefault("kind", kind)
     if kind == "pairwise" and "response_a" not in row and {"chosen", "rejected"} <= set(row):
-        row["response_a"], row["response_b"] = row.pop("chosen"), row.pop("rejected")
-        row.setdefault("source_a", "chosen")
-        row.setdefault("source_b", "rejected")
+        _assign_sides(row, (row.pop("chosen"), row.pop("source_a", "chosen")),
+                      (row.pop("rejected"), row.pop("source_b", "rejected")))
     elif kind == "human-vs-model" and "response_a" not in row and {"human", "model"} <= set(row):
-        row["response_a"], row["response_b"] = row.pop("human"), row.pop("model")
-        row["source_a"] = HUMAN
-        row["source_b"] = row.pop("model_name", None) or "model"
+        _assign_sides(row, (row.pop("human"), HUMAN), (row.pop("model"), row.pop("model_name", None) or "model"))
     elif kind == "rating" and "response_a" not in row:
         if "completion" in row:
             row["response_a"] = row.pop("completion")
