@@ -215,6 +215,7 @@ def eval_settings(args: argparse.Namespace) -> EvalSettings:
         "model": args.model, "out": args.out, "pairs": args.pairs, "ratings": args.ratings, "bias": args.bias,
         "prompts": args.prompts, "reference": args.reference, "references": args.references,
         "embedder": args.embedder, "checkpoints": args.checkpoints, "proxy": args.proxy, "gold": args.gold,
+        "human": args.human,
         "scorer": args.scorer, "judge": args.judge, "beta": args.beta, "limit": args.limit,
         "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "actors": args.actors,
         "cpus_per_actor": args.cpus_per_actor, "batch_size": args.batch_size,
@@ -316,7 +317,8 @@ def _add_eval_parsers(sub: argparse._SubParsersAction) -> None:
         "on what you give: --pairs (pairwise agreement with human labels, bootstrap 95%% CI, per category), "
         "--ratings (Spearman/Kendall with human ratings), --bias (counterfactual gaps across groups), --prompts "
         "(generations with Ray Data: lengths, diversity, reward, and with --reference KL and win rate), "
-        "--references (cosine similarity of generations to human answers, MiniLM embeddings), --checkpoints "
+        "--references (cosine similarity of generations to human answers, MiniLM embeddings), --human DB "
+        "(agreement with the majority of an annotations database), --checkpoints "
         "with --prompts/--gold[/--proxy] on a run directory (proxy and gold reward vs sqrt(KL) across its "
         "checkpoints: reward over-optimisation). Writes OUT/eval.json, OUT/report.md and PNG plots.",
     )
@@ -329,6 +331,8 @@ def _add_eval_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reference", help="reference model (DPO scorer, KL, win rate); default for a run: its base model")
     p.add_argument("--references", help="file of prompts with human answers: pairs (chosen is the answer) or unpaired "
                    "(completions labelled true); scores generation-vs-answer embedding similarity")
+    p.add_argument("--human", metavar="DB", help="annotations database (raylign annotate): agreement of --scorer with "
+                   "the human majority on its pairwise items (ties and splits left out, as the pairs export does)")
     p.add_argument("--embedder", default="builtin:minilm-l6",
                    help="sentence encoder for --references (default builtin:minilm-l6)")
     p.add_argument("--checkpoints", action="store_true",

@@ -13,6 +13,7 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,22 @@ def _lookup(tree: Any, dotted: str) -> Any:
 def _short(value: Any) -> str:
     text = json.dumps(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def write_jsonl_atomic(rows: Iterable[dict[str, Any]], out: Path) -> None:
+    """All rows to `<out>.tmp`, flushed and synced, then renamed over `out`; on error no tmp is left
+    (a file raylign writes is complete or untouched)."""
+    tmp = out.with_name(out.name + ".tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def fsync_tree(path: Path) -> None:

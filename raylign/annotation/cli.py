@@ -170,7 +170,7 @@ def add_annotate_parser(subparsers: Any) -> argparse.ArgumentParser:
                        "{prompt, chosen, rejected}; human-vs-model reads {prompt, human, model[, model_name]} or the "
                        "response_a/b form with one source \"human\"; rating reads {prompt, completion} or {text}. "
                        "Sampled on Ray rollout workers: --kind pairwise --prompts P --models A[,B] (two samples of A, "
-                       "or A against B, e.g. runs/x/final,builtin:smollm2-135m); --kind human-vs-model "
+                       "or A against B, e.g. runs/x/final,builtin:smollm2-135m-instruct); --kind human-vs-model "
                        "--pairs-or-references F --model M (M's answer against the human one: F's chosen, reference "
                        "or completion); --kind rating --prompts P --model M --criteria helpful,harmless. --select "
                        "uncertainty --reward-model R --size K [--pool N] samples N candidate pairs, scores both answers "
@@ -181,11 +181,11 @@ def add_annotate_parser(subparsers: Any) -> argparse.ArgumentParser:
     src = q.add_argument_group("answers (one of)")
     src.add_argument("--items", help="ready answers (JSONL, CSV, Parquet, ...)")
     src.add_argument("--prompts", help="sample: prompts file (pairwise, rating) or builtin:everyday-prompts")
-    src.add_argument("--pairs-or-references", dest="references",
+    src.add_argument("--pairs-or-references", dest="references", metavar="F",
                      help="sample (human-vs-model): a pairs file (chosen = the human answer) or rows {prompt, "
                      "reference | completion}")
     smp = q.add_argument_group("sampling")
-    smp.add_argument("--models", "--model", dest="models",
+    smp.add_argument("--models", "--model", dest="models", metavar="A[,B]",
                      help="model(s) writing the answers: HF id, local dir, runs/<name>[/final], builtin:/tiny:; "
                      "pairwise: A (two samples) or A,B")
     smp.add_argument("--size", "--limit", dest="size", type=int,
@@ -276,9 +276,13 @@ def add_annotate_parser(subparsers: Any) -> argparse.ArgumentParser:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from raylign.config import ConfigError
     from raylign.data import DataError
+    from raylign.models import ModelNotFoundError
     from raylign.rewards import RewardSourceError
+    from raylign.runtime import ResourceError, RunStopped
 
-    return (ConfigError, DataError, RewardSourceError, FileNotFoundError)
+    # make samples on Ray: an unknown model or too few CPUs is one line too
+    return (ConfigError, DataError, ModelNotFoundError, RewardSourceError, ResourceError, RunStopped,
+            FileNotFoundError)
 
 
 def main(argv: list[str] | None = None) -> int:

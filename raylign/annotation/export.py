@@ -35,7 +35,8 @@ from typing import Any, Literal
 
 from raylign.annotation.errors import AnnotationError
 from raylign.annotation.store import Judgment, Store, StoredItem, iso_time
-from raylign.annotation.tasks import PAIR_KINDS, write_jsonl_atomic
+from raylign.annotation.tasks import PAIR_KINDS
+from raylign.rundir import write_jsonl_atomic
 
 EXPORT_KINDS = ("pairs", "ratings", "unpaired", "judgments")
 AGGREGATES = ("majority", "all")

@@ -2,7 +2,7 @@
 
   --kind pairwise --prompts P --models A[,B]
       two answers per prompt: two samples of one model, or one sample of each of two models (base vs
-      aligned: `--models runs/x/final,builtin:smollm2-135m`); source_a / source_b = the model names.
+      aligned: `--models runs/x/final,builtin:smollm2-135m-instruct`); source_a / source_b = the model names.
   --kind human-vs-model --pairs-or-references F --model M
       the model's answer against the human-written answer to the same prompt; F is a pairs file (the
       human answer is `chosen`), or rows {prompt, reference}, {prompt, human} or {prompt, completion}
@@ -21,9 +21,12 @@ rollout workers (`RolloutWorker`) seeded with (seed, Purpose.ANNOTATE, step, fir
 step 0 for the first model and 1 for the second, so the same inputs and --seed give the same task for
 any number of workers. The two samples of one model are two independent draws of its stream. An answer
 that came out empty, or a pair whose two answers are the same text, gives no item (counted).
+Which answer of a pair is A is drawn per item from a hash of the two texts, as for `--items` (an answer
+always on one side would leave choices with one category, and α and κ at 0 however well people agree);
+source_a / source_b say which is which, and the app still randomises which is shown on the left.
 Item ids are `<kind>-<n>` and reveal nothing (they appear in URLs); `meta` keeps where each answer came
-from: prompt_index, sample, and with --select the scores, the margin and the pool (never shown to
-annotators, copied into exports). The app randomises which answer is shown on the left.
+from: prompt_index, sample (human-vs-model: model), and with --select the scores of A and B, the
+margin score_a − score_b and the pool (never shown to annotators, copied into exports).
 
 This module sits in `raylign.annotation` and imports the Ray sampler from `raylign.pipelines.annotate`
 (same layer, and `pipelines` imports nothing of `annotation`): the task format stays here, one sampler
@@ -40,7 +43,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from raylign.annotation.errors import TaskError, listing
-from raylign.annotation.tasks import HUMAN, TaskItem, make_items, parse_item
+from raylign.annotation.tasks import HUMAN, TaskItem, _assign_sides, make_items, parse_item
 from raylign.config import ConfigError, RolloutConfig, validate_settings
 
 SELECT_MODES = ("uncertainty",)
@@ -264,10 +267,10 @@ def sample_task_items(s: SampledTaskSettings, console: Any = None) -> tuple[list
     if not prompts:
         raise TaskError(f"{s.prompts or s.references}: no rows")
     gold = _gold_items(s.gold, s.kind, s.criteria) if s.gold else []
+    scorer = build_reward_source(s.reward_model) if s.reward_model else None
     paths = [resolve_model_or_run(m.strip())[0] for m in s.models]
     for path in paths:
         resolve_model_path(path)  # builds a tiny:/builtin: model once here, not in every actor
-    scorer = build_reward_source(s.reward_model) if s.select else None
 
     # k candidate pairs per prompt: 1, or under --select enough for the pool from a short file.
     per_prompt = 1 if pool is None else math.ceil(pool / len(prompts))
@@ -284,10 +287,10 @@ def sample_task_items(s: SampledTaskSettings, console: Any = None) -> tuple[list
         candidates = [(i, j, p, t[2 * j], t[2 * j + 1], names[0], names[0])
                       for i, (p, t) in enumerate(zip(prompts, texts, strict=True)) for j in range(per_prompt)]
     elif s.kind == "pairwise":
-        a = _sample(prompts, paths[0], s, per_prompt, step=0, what=f"answers from {names[0]}")
-        b = _sample(prompts, paths[1], s, per_prompt, step=1, what=f"answers from {names[1]}")
-        candidates = [(i, j, p, ta[j], tb[j], names[0], names[1])
-                      for i, (p, ta, tb) in enumerate(zip(prompts, a, b, strict=True)) for j in range(per_prompt)]
+        from_a = _sample(prompts, paths[0], s, per_prompt, step=0, what=f"answers from {names[0]}")
+        from_b = _sample(prompts, paths[1], s, per_prompt, step=1, what=f"answers from {names[1]}")
+        candidates = [(i, j, p, ta[j], tb[j], names[0], names[1]) for i, (p, ta, tb)
+                      in enumerate(zip(prompts, from_a, from_b, strict=True)) for j in range(per_prompt)]
     elif s.kind == "human-vs-model":
         texts = _sample(prompts, paths[0], s, per_prompt, step=0, what=f"answers from {names[0]}")
         candidates = [(i, j, p, str(h), t[j], HUMAN, "model")
@@ -307,8 +310,12 @@ def sample_task_items(s: SampledTaskSettings, console: Any = None) -> tuple[list
             skipped["empty"] += 1
         elif b is not None and a.strip() == b.strip():
             skipped["identical"] += 1
-        else:
+        elif b is None:
             usable.append(c)
+        else:  # which answer is A is drawn per item, as `annotate make --items` draws it
+            sides: dict[str, Any] = {}
+            _assign_sides(sides, (a, c[5]), (b, str(c[6])))
+            usable.append((*c[:3], sides["response_a"], sides["response_b"], sides["source_a"], sides["source_b"]))
 
     margins: list[float] = []
     scores: list[tuple[float, float]] = []

@@ -58,6 +58,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from raylign.annotation.errors import TaskError, listing
+from raylign.rundir import write_jsonl_atomic
 
 TASK_FORMAT = 1
 KINDS = ("pairwise", "human-vs-model", "rating")
@@ -359,7 +360,7 @@ def make_items(items_path: str, kind: str, gold_path: str | None = None,
             number += 1
             row = _normalise(values, kind)
             _prompt_from_csv(row)
-            row.setdefault("item_id", f"{'gold' if is_gold else kind}-{number:05d}")
+            row.setdefault("item_id", f"{kind}-{number:05d}")  # gold items too: ids are in URLs, and must not tell
             if kind == "rating" and criteria and "criteria" not in row:
                 row["criteria"] = list(criteria)
             if is_gold and row.get("gold") is None:
@@ -389,18 +390,6 @@ def write_task(settings: TaskSettings, items: list[TaskItem], out: str | os.Path
     return path
 
 
-def write_jsonl_atomic(rows: Iterable[dict[str, Any]], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def prompt_turns(prompt: str | list[Turn] | list[dict[str, str]] | None) -> list[tuple[str, str]]:

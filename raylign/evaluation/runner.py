@@ -6,6 +6,10 @@
 Sections (each runs when its input is given; one function each, in this order):
   pairs    human consistency score: pairwise agreement of the scorer with the human choice (ties half,
            bootstrap 95% CI, per `category` column when present)
+  human    agreement of the scorer with the human majority of an annotations database (`raylign
+           annotate`): its majority pairs as the pairs export makes them (ties, splits and gold items
+           left out), bootstrap 95% CI over items, per item kind; and the humans' win rate between the
+           items' sources (a new policy against the old, a model against people)
   ratings  Spearman/Kendall between the scorer and human ratings
   bias     counterfactual gaps across groups on every axis, in the scorer's score and in the model's
            mean log-likelihood (and, with `bias_generate`, in the VADER sentiment of its generations)
@@ -76,7 +80,30 @@ def _load_inputs(settings: EvalSettings) -> dict[str, Any]:
         loaded["bias"] = load_bias_sets(s.bias)
     if s.references:
         loaded["references"] = load_references(s.references, s.limit)
+    if s.human:
+        loaded["human"] = load_human_majority(s.human, s.limit)
     return loaded
+
+
+def load_human_majority(db: str, limit: int | None = None) -> dict[str, Any]:
+    """The majority pairs of an annotations database, as `raylign annotate export --kind pairs` writes them
+    (`raylign.annotation.export.pair_rows`: gold items left out; an item whose most frequent answer is
+    tie, or with two answers equally frequent, or only skips, gives none): {rows, dropped}. A database
+    without any such item is one clear error."""
+    from raylign.annotation.errors import AnnotationError
+    from raylign.annotation.export import pair_rows
+    from raylign.annotation.store import Store
+
+    store = Store(db, create=False)
+    try:
+        rows, dropped = pair_rows(store, "majority")
+    finally:
+        store.close()
+    if not rows:
+        why = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in sorted(dropped.items())) or "no pairwise items"
+        raise AnnotationError(f"--human {db}: no pairwise or human-vs-model item has a majority answer yet ({why}); "
+                              "nothing to compare the scorer with")
+    return {"rows": rows[:limit] if limit else rows, "dropped": dict(dropped)}
 
 
 @dataclass
@@ -116,7 +143,7 @@ def plan_eval(settings: EvalSettings) -> EvalPlan:
         ckpts, ckpt_base, run_cfg = run_checkpoints(s.model)
         if not (s.reference or ckpt_base):
             raise ConfigError(f"cannot tell {s.model}'s initial model for the KL: pass --reference M")
-    if ckpts is not None and not any((s.pairs, s.ratings, s.bias, s.references)):
+    if ckpts is not None and not any((s.pairs, s.ratings, s.bias, s.references, s.human)):
         path, base = ckpts[-1]["path"], ckpt_base  # only the curves: final/ need not exist
     else:
         path, base = resolve_model_or_run(s.model)
@@ -161,6 +188,8 @@ def run_eval(settings: EvalSettings, console: Console | None = None) -> dict[str
     inputs = plan.inputs
     if "pairs" in inputs:
         result["pairs"] = pairs_section(s, scorer, inputs["pairs"], console)
+    if "human" in inputs:
+        result["human"] = human_section(s, scorer, inputs["human"], console)
     if "ratings" in inputs:
         result["ratings"] = ratings_section(s, scorer, inputs["ratings"], console)
     if "bias" in inputs:
@@ -196,6 +225,51 @@ def pairs_section(settings: EvalSettings, scorer: Any, rows: list[dict[str, Any]
     console.print(f"human consistency (pairs): agreement {p['agreement']:.3f} "
                   f"[95% CI {p['ci_low']:.3f}, {p['ci_high']:.3f}] on {p['n']} pairs ({p['ties']} ties)")
     return p
+
+
+def human_section(settings: EvalSettings, scorer: Any, human: dict[str, Any], console: Console) -> dict[str, Any]:
+    """Agreement of `scorer` with the human majority of an annotations database: the share of its
+    majority pairs (ties and splits excluded, as the export excludes them) where the scorer scores the
+    majority's answer higher (a scorer tie counts ½), bootstrap 95% CI over items, per item kind."""
+    s = settings
+    rows = human["rows"]
+    ps = [r["prompt"] for r in rows]
+    chosen = score_in_chunks(scorer, ps, [r["chosen"] for r in rows], "scoring majority answers", s.progress)
+    rejected = score_in_chunks(scorer, ps, [r["rejected"] for r in rows], "scoring minority answers", s.progress)
+    kinds = [r["item_kind"] for r in rows]
+    h = {"db": s.human, **metrics.pairwise_agreement(chosen, rejected, kinds, n_boot=s.n_boot, seed=s.seed),
+         "excluded": human["dropped"], "n_judgments": int(sum(r["n_judgments"] for r in rows)),
+         "mean_human_agreement": float(np.mean([r["agreement"] for r in rows]))}
+    h["win_rates"] = human_win_rates(rows, n_boot=s.n_boot, seed=s.seed)
+    excluded = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in sorted(human["dropped"].items()))
+    for w in h["win_rates"].values():
+        console.print(f"human win rate of {w['source']} against {w['against']}: {w['win_rate']:.3f} "
+                      f"[95% CI {w['ci_low']:.3f}, {w['ci_high']:.3f}] on {w['n']} items with a majority")
+    console.print(f"agreement with the human majority ({s.human}): {h['agreement']:.3f} "
+                  f"[95% CI {h['ci_low']:.3f}, {h['ci_high']:.3f}] on {h['n']} items ({h['ties']} scorer ties)"
+                  + (f"; excluded: {excluded}" if excluded else ""))
+    return h
+
+
+def human_win_rates(rows: list[dict[str, Any]], n_boot: int, seed: int) -> dict[str, dict[str, Any]]:
+    """Per pair of sources X, Y (the items' source_a/source_b, X < Y by name; e.g. a new policy against
+    the old one, or "human" against "model"): the share of their majority pairs whose majority chose
+    X's answer, with a bootstrap 95% interval over items. Only items with a majority count (ties and
+    splits are left out, as the pairs export leaves them out); items whose two answers share a source
+    (two samples of one model, chosen/rejected of a pairs file) have no winner between sources."""
+    groups: dict[tuple[str, str], list[float]] = {}
+    for r in rows:
+        a, b = r.get("source_chosen"), r.get("source_rejected")
+        if not a or not b or a == b:
+            continue
+        x, y = sorted((str(a), str(b)))
+        groups.setdefault((x, y), []).append(1.0 if a == x else 0.0)
+    out = {}
+    for (x, y), wins in sorted(groups.items()):
+        lo, hi = metrics.bootstrap_ci(wins, n_boot=n_boot, seed=seed)
+        out[f"{x} vs {y}"] = {"source": x, "against": y, "n": len(wins), "wins": int(sum(wins)),
+                              "win_rate": float(np.mean(wins)), "ci_low": lo, "ci_high": hi}
+    return out
 
 
 def ratings_section(settings: EvalSettings, scorer: Any, rows: list[dict[str, Any]], console: Console) -> dict[str, Any]:
@@ -357,6 +431,27 @@ def write_eval_report(result: dict[str, Any], out_dir: Path) -> Path:
         bar_plot(out_dir / "agreement.png", "Pairwise agreement with human labels", labels, values, cis,
                  "agreement", hline=0.5)
         lines += ["", "![agreement](agreement.png)", ""]
+    if "human" in result:
+        h = result["human"]
+        excluded = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in sorted(h["excluded"].items())) or "none"
+        lines += ["## Agreement with the human majority (annotations database)", "",
+                  f"`{h['db']}`: items whose annotators' most frequent answer is a or b ({h['n_judgments']} "
+                  f"judgments; mean share agreeing with the majority {h['mean_human_agreement']:.3f}). Share of them "
+                  "where the scorer prefers the majority's answer (scorer ties count ½; 0.5 = chance), bootstrap "
+                  f"95% interval over items. Excluded: {excluded}.", "",
+                  "| items | n | agreement | 95% CI | scorer ties |", "|---|---|---|---|---|",
+                  f"| all | {h['n']} | {h['agreement']:.3f} | {_ci(h['ci_low'], h['ci_high'])} | {h['ties']} |"]
+        for kind, c in h.get("per_category", {}).items():
+            lines.append(f"| {kind} | {c['n']} | {c['agreement']:.3f} | {_ci(c['ci_low'], c['ci_high'])} | {c['ties']} |")
+        lines.append("")
+        if h.get("win_rates"):
+            lines += ["### Human win rates between sources", "",
+                      "Share of the items comparing two sources whose human majority chose the first source's answer "
+                      "(items with a majority only).", "",
+                      "| source | against | items | win rate | 95% CI |", "|---|---|---|---|---|"]
+            lines += [f"| {w['source']} | {w['against']} | {w['n']} | {w['win_rate']:.3f} | "
+                      f"{_ci(w['ci_low'], w['ci_high'])} |" for w in h["win_rates"].values()]
+            lines.append("")
     if "ratings" in result:
         r = result["ratings"]
         lines += ["## Human consistency: rank correlation with ratings", "",

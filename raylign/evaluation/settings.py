@@ -32,6 +32,8 @@ class EvalSettings(BaseModel):
                                   "default for a run: its base model")
     references: str | None = Field(None, description="prompts with human answers (pairs or unpaired) for "
                                    "generation-vs-answer embedding similarity")
+    human: str | None = Field(None, description="annotations database (raylign annotate): agreement of the scorer "
+                              "with the human majority on its pairwise and human-vs-model items")
     embedder: str = Field("builtin:minilm-l6", description="sentence encoder for `references`")
     checkpoints: bool = Field(False, description="`model` is a run dir: reward over-optimisation curves "
                               "across its checkpoints on `prompts`")
@@ -57,9 +59,9 @@ class EvalSettings(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> EvalSettings:
-        if not any((self.pairs, self.ratings, self.bias, self.prompts, self.references)):
+        if not any((self.pairs, self.ratings, self.bias, self.prompts, self.references, self.human)):
             raise ConfigError("nothing to evaluate: give at least one of --pairs, --ratings, --bias, --prompts, "
-                              "--references")
+                              "--references, --human")
         if self.checkpoints:
             if not (self.prompts and self.gold):
                 raise ConfigError("--checkpoints draws reward over-optimisation curves: it needs --prompts F "
@@ -71,8 +73,8 @@ class EvalSettings(BaseModel):
 
     @property
     def needs_scorer(self) -> bool:
-        """Whether a section scores given texts (pairs, ratings, bias) with `scorer`."""
-        return bool(self.pairs or self.ratings or self.bias)
+        """Whether a section scores given texts (pairs, ratings, bias, human) with `scorer`."""
+        return bool(self.pairs or self.ratings or self.bias or self.human)
 
     def generation_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of `generate_with_ray_data` (and its checkpoint variant) these settings give."""

@@ -12,13 +12,15 @@ one seeding scheme, whichever worker runs it, so the same inputs and seed give a
 for any number of workers. The driver sends chunks one per idle worker (the progress bar moves per
 chunk) and scores a finished chunk while the workers sample the next ones. The output is written to
 `<out>.tmp` and renamed, so `out` is either the complete new file or untouched.
+
+`sample_on_workers` is that sampling loop on its own, the one sampler of annotation: `raylign annotate
+make --prompts` (`raylign/annotation/sampling.py`) samples its tasks' answers through it too.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +28,9 @@ import numpy as np
 from rich.console import Console
 from tqdm.auto import tqdm
 
-from raylign.config import ConfigError
+from raylign.config import ConfigError, RolloutConfig
 from raylign.pipelines.annotate_settings import AnnotateSettings
+from raylign.rundir import write_jsonl_atomic
 from raylign.runtime import Purpose
 
 
@@ -59,19 +62,6 @@ def best_worst_pair(
     }, None
 
 
-def write_jsonl_atomic(rows: list[dict[str, Any]], out: Path) -> None:
-    """All rows to `<out>.tmp`, flushed and synced, then renamed over `out`; on error no tmp is left."""
-    tmp = out.with_name(out.name + ".tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _out_path(out: str) -> Path:
@@ -79,6 +69,72 @@ def _out_path(out: str) -> Path:
     if path.is_dir():
         raise ConfigError(f"--out {out} is a directory; give a file name such as {path / 'pairs.jsonl'}")
     return path
+
+
+def sample_on_workers(
+    prompts: list[Any],
+    model: str,
+    sampling: RolloutConfig,
+    *,
+    seed: int,
+    on_chunk: Callable[[int, list[Any], list[list[str]]], None],
+    step: int = 0,
+    workers: int = 1,
+    cpus_per_worker: float = 1.0,
+    ray_address: str | None = None,
+    desc: str = "sampling",
+    progress: bool = True,
+) -> None:
+    """Sample `sampling.n_samples` completions of every prompt from `model` on Ray rollout workers.
+
+    The one sampler of annotation (`raylign data annotate`, `raylign annotate make --prompts`): prompts
+    are cut into chunks of `sampling.batch_size`; the chunk starting at prompt i is sampled by
+    `RolloutWorker.generate_texts` with the seed key (seed, Purpose.ANNOTATE, step, i), whichever of the
+    `workers` actors runs it, so the samples depend only on the arguments (`step` keeps two passes over
+    the same prompts, e.g. two models, on streams of their own). Chunks go one per idle worker; as each
+    finishes, the next is sent before `on_chunk(i, chunk prompts, [[texts of prompt] ...])` runs in this
+    process, so scoring a chunk overlaps sampling the next ones. The progress bar moves per chunk. The
+    worker group is shut down on every way out, errors included.
+    """
+    import ray
+
+    from raylign.runtime import init_ray
+    from raylign.workers.group import WorkerGroup
+    from raylign.workers.rollout import RolloutWorker
+
+    size = sampling.batch_size
+    chunks = [prompts[i : i + size] for i in range(0, len(prompts), size)]
+    if not chunks:
+        return
+    init_ray(ray_address)
+    group = WorkerGroup(RolloutWorker, min(workers, len(chunks)), cpus_per_worker, name="annotate-rollout",
+                        init_kwargs={"model": {"path": model}, "seed": seed})
+    idle = list(group.workers)
+    pending: dict[Any, tuple[int, Any]] = {}
+    next_chunk = 0
+
+    def dispatch() -> None:
+        nonlocal next_chunk
+        while idle and next_chunk < len(chunks):
+            worker = idle.pop()
+            ref = worker.generate_texts.remote(chunks[next_chunk], sampling, seed=seed, step=step,
+                                               purpose=Purpose.ANNOTATE, first_index=next_chunk * size)
+            pending[ref] = (next_chunk, worker)
+            next_chunk += 1
+
+    try:
+        with tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress) as bar:
+            dispatch()
+            while pending:
+                (ref,), _ = ray.wait(list(pending), num_returns=1)
+                index, worker = pending.pop(ref)
+                samples: list[list[str]] = ray.get(ref)
+                idle.append(worker)
+                dispatch()  # the worker samples the next chunk while this one is handled
+                on_chunk(index * size, chunks[index], samples)
+                bar.update(len(chunks[index]))
+    finally:
+        group.shutdown()
 
 
 def run_annotate(settings: AnnotateSettings, console: Console | None = None) -> dict[str, Any]:
@@ -92,14 +148,9 @@ def run_annotate(settings: AnnotateSettings, console: Console | None = None) -> 
     Returns the summary (also printed): prompts, samples, pairs, ties, empty, below_margin,
     mean_margin, seconds, samples_per_second, out.
     """
-    import ray
-
     from raylign.data import DataError, load_dataset
     from raylign.models import resolve_model_path
     from raylign.rewards import as_scores, build_reward_source
-    from raylign.runtime import init_ray
-    from raylign.workers.group import WorkerGroup
-    from raylign.workers.rollout import RolloutWorker
 
     s = settings
     console = console or Console()
@@ -114,54 +165,30 @@ def run_annotate(settings: AnnotateSettings, console: Console | None = None) -> 
     resolve_model_path(s.model)  # builds a tiny:/builtin: model once here, not in every actor
     out_path.parent.mkdir(parents=True, exist_ok=True)
 
-    # Chunk k starts at prompt k * batch_size of the file: its seed key's index.
-    chunks = [prompt_list[i : i + s.batch_size] for i in range(0, len(prompt_list), s.batch_size)]
-    workers = min(s.workers, len(chunks))
+    chunks = -(-len(prompt_list) // s.batch_size)
+    workers = min(s.workers, chunks)
     console.print(f"annotate: {len(prompt_list)} prompts x {s.n} samples from {s.model}, scored by {scorer.name}, "
                   f"{workers} rollout worker(s)")
-    init_ray(s.ray_address)
-    group = WorkerGroup(RolloutWorker, workers, s.cpus_per_worker, name="annotate-rollout",
-                        init_kwargs={"model": {"path": s.model}, "seed": s.seed})
     skipped = {"tie": 0, "empty": 0, "below_margin": 0}
-    results: list[list[dict[str, Any] | None]] = [[] for _ in chunks]
-    idle = list(group.workers)
-    pending: dict[Any, tuple[int, Any]] = {}
-    next_chunk = 0
+    results: list[list[dict[str, Any] | None]] = [[] for _ in range(chunks)]
 
-    def dispatch() -> None:
-        nonlocal next_chunk
-        while idle and next_chunk < len(chunks):
-            worker = idle.pop()
-            ref = worker.generate_texts.remote(chunks[next_chunk], sampling, seed=s.seed, purpose=Purpose.ANNOTATE,
-                                               first_index=next_chunk * s.batch_size)
-            pending[ref] = (next_chunk, worker)
-            next_chunk += 1
+    def score_chunk(first: int, prompts: list[Any], samples: list[list[str]]) -> None:
+        flat_prompts = [p for p, answers in zip(prompts, samples, strict=True) for _ in answers]
+        flat = [a for answers in samples for a in answers]
+        scores = as_scores(scorer.score(flat_prompts, flat), len(flat), scorer.name, finite=True)
+        offset = 0
+        for prompt, answers in zip(prompts, samples, strict=True):
+            row, why = best_worst_pair(prompt, answers, scores[offset : offset + len(answers)])
+            offset += len(answers)
+            if row is not None and row["margin"] < s.min_margin:
+                row, why = None, "below_margin"
+            results[first // s.batch_size].append(row)
+            if why:
+                skipped[why] += 1
 
-    try:
-        with tqdm(total=len(prompt_list), desc=f"sampling {s.n}/prompt + scoring", unit="prompt",
-                  disable=not s.progress) as bar:
-            dispatch()
-            while pending:
-                (ref,), _ = ray.wait(list(pending), num_returns=1)
-                index, worker = pending.pop(ref)
-                samples: list[list[str]] = ray.get(ref)
-                idle.append(worker)
-                dispatch()  # the worker samples the next chunk while this one is scored
-                flat_prompts = [p for p, answers in zip(chunks[index], samples, strict=True) for _ in answers]
-                flat = [a for answers in samples for a in answers]
-                scores = as_scores(scorer.score(flat_prompts, flat), len(flat), scorer.name, finite=True)
-                offset = 0
-                for prompt, answers in zip(chunks[index], samples, strict=True):
-                    row, why = best_worst_pair(prompt, answers, scores[offset : offset + len(answers)])
-                    offset += len(answers)
-                    if row is not None and row["margin"] < s.min_margin:
-                        row, why = None, "below_margin"
-                    results[index].append(row)
-                    if why:
-                        skipped[why] += 1
-                bar.update(len(chunks[index]))
-    finally:
-        group.shutdown()
+    sample_on_workers(prompt_list, s.model, sampling, seed=s.seed, workers=s.workers,
+                      cpus_per_worker=s.cpus_per_worker, ray_address=s.ray_address, on_chunk=score_chunk,
+                      desc=f"sampling {s.n}/prompt + scoring", progress=s.progress)
 
     rows = [row for chunk_rows in results for row in chunk_rows if row is not None]
     seconds = time.perf_counter() - start

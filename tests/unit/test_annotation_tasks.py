@@ -88,7 +88,7 @@ def test_make_from_a_pairs_file_with_gold(tmp_path):
     assert (first.response_a, first.response_b) == ("Dinner is lovely.", "Dinner is awful.")
     assert (first.source_a, first.source_b) == ("chosen", "rejected") and first.meta == {"category": "food"}
     assert second.prompt[0].content == "Hi"
-    assert check.is_gold and check.gold == "a" and check.item_id.startswith("gold-")
+    assert check.is_gold and check.gold == "a" and check.item_id.startswith("pairwise-")
     assert len({i.item_id for i in task.items}) == 3
 
 
