@@ -187,12 +187,27 @@ def _client(engine, **overrides):
 
 def test_no_key_needed_by_default_and_timeouts_are_408_and_cancel_the_job(engine):
     client, backend = _client(engine, request_timeout_s=0.3, max_tokens_limit=400)
-    r = client.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 400})
+    # The random tiny model may sample EOS before the deadline (a 200 ending in "stop"): seeded tries
+    # until a request outlives it.
+    for seed in range(8):
+        r = client.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 400, "seed": seed})
+        if r.status_code != 200:
+            break
+        assert r.json()["choices"][0]["finish_reason"] == "stop", r.text[-300:]
+    else:
+        pytest.fail("every seeded request ended by EOS before the 0.3 s deadline")
     assert r.status_code == 408 and r.json()["error"]["code"] == "timeout"
     assert backend.jobs[-1].cancelled.is_set()
-    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}], "stream": True,
-                                                  "max_tokens": 400})
-    assert r.status_code == 200 and '"code": "timeout"' in r.text  # a started stream reports it in-band
+    # A started stream that outlives its deadline reports the timeout in-band (seeded tries, as above).
+    for seed in range(8):
+        r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}],
+                                                      "stream": True, "max_tokens": 400, "seed": seed})
+        assert r.status_code == 200
+        if '"code": "timeout"' in r.text:
+            break
+        assert '"finish_reason": "stop"' in r.text, r.text[-500:]
+    else:
+        pytest.fail("every seeded stream ended by EOS before the 0.3 s deadline")
     assert backend.jobs[-1].cancelled.is_set()
 
 
