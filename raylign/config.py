@@ -153,6 +153,10 @@ class TrainConfig(Section):
     on_nonfinite: Literal["stop", "skip_step"] = Field(
         "stop", description="a NaN/inf loss or gradient norm: stop the run with a message (the last checkpoint "
         "stays resumable), or skip that optimizer step and go on (counted as train/skipped_steps)")
+    counterfactual_penalty: float = Field(
+        0.0, ge=0.0, description="reward models and the DPO family: λ · (score(x) − score(x'))² for each text x "
+        "and its counterfactual copies x' (a group term swapped), added to the loss (counterfactual logit "
+        "pairing); 0 = off")
 
 
 class PreferenceConfig(Section):
@@ -279,6 +283,14 @@ class ResourcesConfig(Section):
     threads: int | None = Field(
         None, gt=0, description="torch threads per rollout/learner actor; None = its CPU share. The RL loop's "
         "groups take turns, so on one small machine each may use every core")
+    learner_strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="ddp: every learner holds the whole model and optimizer; fsdp: parameters, gradients "
+        "and optimizer state sharded across learners (PyTorch FSDP2, fully_shard)")
+    learner_placement: str = Field(
+        "pack", description="where the learner group's actors go: pack | spread | a node resource name "
+        "(e.g. node_a, from `raylign cluster up`)")
+    rollout_placement: str = Field("pack", description="as learner_placement, for rollout workers")
+    reward_placement: str = Field("pack", description="as learner_placement, for reward workers")
     call_timeout_s: float | None = Field(
         1800.0, gt=0.0, description="a remote call (a train step, a generation, a reward) still running after "
         "this stops the run naming the actor and method; None = wait forever")
@@ -307,6 +319,9 @@ class OutputConfig(Section):
     mlflow_experiment: str = Field("raylign", description="MLflow experiment the run is logged under")
     samples_per_step: int = Field(4, ge=0)
     overwrite: bool = False
+    storage: str | None = Field(
+        None, description="a pyarrow.fs URI (a local/NFS path, s3://, gs://) that checkpoints and final/ reach "
+        "from the node that wrote them, for clusters without a shared filesystem; None = output.dir is shared")
 
     @field_validator("name")
     @classmethod
