@@ -19,7 +19,9 @@ JSON API (in `/openapi.json`):
 
   GET  /api/next        200 the next item (claimed for you), 204 when your queue is empty
   POST /api/judgments   {item_id, choice: a|b|tie|skip, strength?: 1-3, ratings?: {criterion: 1-7},
-                         reason?, latency_ms?, shown_left?: a|b, idempotency_key?} -> 201 the row
+                         reason?, written_by?: a|b, latency_ms?, shown_left?: a|b, idempotency_key?}
+                        -> 201 the row (written_by: human-vs-model items only, the answer the
+                        annotator thinks a person wrote)
   GET  /api/judgments   your current judgments
   GET  /api/progress    {done, remaining, total}
 
@@ -110,6 +112,9 @@ class JudgmentIn(BaseModel):
     ratings: dict[str, int] | None = Field(None, description=f"rating items: {{criterion: {LIKERT_MIN}..{LIKERT_MAX}}} "
                                            "for every criterion of the item")
     reason: str | None = Field(None, max_length=REASON_MAX, description="free text, optional")
+    written_by: Literal["a", "b"] | None = Field(
+        None, description="human-vs-model items, optional: the answer you think a person wrote (the "
+        "report's identification accuracy; 0.5 = people cannot tell the model from a person)")
     latency_ms: int | None = Field(None, ge=0, le=7 * 24 * 3600 * 1000,
                                    description="time spent on the item (default: since GET /api/next gave it)")
     shown_left: Literal["a", "b"] | None = Field(None, description="the answer you showed on the left (default: "
@@ -127,8 +132,11 @@ class Invalid(Exception):
 
 
 def check_judgment(item: TaskItem, choice: str | None, strength: int | None,
-                   ratings: dict[str, int] | None) -> None:
+                   ratings: dict[str, int] | None, written_by: str | None = None) -> None:
     """What a judgment of this item must look like; raises `Invalid` naming the field."""
+    if written_by is not None and item.kind != "human-vs-model":
+        raise Invalid(f"written_by (which answer a person wrote) is asked of human-vs-model items; item "
+                      f"{item.item_id!r} is a {item.kind} item", "written_by")
     if item.kind in PAIR_KINDS:
         if choice is None:
             raise Invalid(f"item {item.item_id!r} is a {item.kind} item: choice is required (a, b, tie or skip)", "choice")
@@ -190,6 +198,7 @@ class JudgmentOut(BaseModel):
     strength: int | None
     ratings: dict[str, int] | None
     reason: str | None
+    written_by: str | None = Field(description="human-vs-model items: the answer the annotator thinks a person wrote")
     shown_left: str | None
     latency_ms: int | None
     via: str
@@ -210,7 +219,8 @@ class ErrorResponse(BaseModel):
 
 def judgment_out(j: Judgment, replayed: bool = False) -> JudgmentOut:
     return JudgmentOut(id=j.id, item_id=j.item_id, annotator=j.annotator, choice=j.choice, strength=j.strength,
-                       ratings=j.ratings, reason=j.reason, shown_left=j.shown_left, latency_ms=j.latency_ms,
+                       ratings=j.ratings, reason=j.reason, written_by=j.written_by, shown_left=j.shown_left,
+                       latency_ms=j.latency_ms,
                        via=j.via, time=iso_time(j.created), supersedes=j.supersedes, replayed=replayed)
 
 
@@ -356,12 +366,13 @@ def create_app(store: Store) -> FastAPI:
                           "(programs: send 'Authorization: Bearer <token>' instead)", "csrf")
         item = store.item(body.item_id)
         try:
-            check_judgment(item.item, body.choice, body.strength, body.ratings)
+            check_judgment(item.item, body.choice, body.strength, body.ratings, body.written_by)
         except Invalid as exc:
             return _error(422, exc.message, "invalid_judgment", exc.field)
         row, replayed = store.record(annotator, body.item_id, choice=body.choice, strength=body.strength,
                                      ratings=body.ratings, reason=body.reason, latency_ms=body.latency_ms,
-                                     shown_left=body.shown_left, idempotency_key=body.idempotency_key, via="api")
+                                     shown_left=body.shown_left, idempotency_key=body.idempotency_key,
+                                     written_by=body.written_by, via="api")
         return JSONResponse(judgment_out(row, replayed).model_dump(), status_code=201)
 
     @app.get("/api/judgments", response_model=list[JudgmentOut], dependencies=guarded, tags=["annotate"],
@@ -487,6 +498,8 @@ def item_page(store: Store, annotator: Annotator, stored: StoredItem, error: str
         ratings = {c: int(form[f"rating-{i}"]) for i, c in enumerate(item.criteria or [])
                    if form.get(f"rating-{i}", "").isdigit()}
     strength = current.strength if current else None
+    written_by = form.get("written_by") if form else (
+        None if current is None or current.written_by is None else "left" if current.written_by == left_name else "right")
     extra = {"progress": progress} if progress is not None else {}
     return _page(
         "item.html", status, annotator, store, **extra, title=item.item_id, item_id=item.item_id,
@@ -495,6 +508,7 @@ def item_page(store: Store, annotator: Annotator, stored: StoredItem, error: str
         turns=prompt_turns(item.prompt), pair=item.kind in PAIR_KINDS, left=texts[left_name],
         right=texts["b" if left_name == "a" else "a"], csrf=store.csrf_token(annotator),
         nonce="page-" + secrets.token_urlsafe(16), strengths=STRENGTHS, strength=strength,
+        ask_written_by=item.kind == "human-vs-model", written_by=written_by,
         criteria=item.criteria or [], scale=list(range(LIKERT_MIN, LIKERT_MAX + 1)), low=LIKERT_MIN,
         high=LIKERT_MAX, ratings=ratings, reason=form.get("reason", current.reason if current and current.reason else ""),
         reason_max=REASON_MAX, previous=_previous(store, annotator, exclude=item.item_id))
@@ -520,12 +534,15 @@ def judge_form(store: Store, annotator: Annotator, form: dict[str, str]) -> Resp
             ratings = {c: int(form[f"rating-{i}"]) for i, c in enumerate(item.criteria or [])
                        if form.get(f"rating-{i}", "").isdigit()}
         reason = form.get("reason", "").strip()[:REASON_MAX] or None
-        check_judgment(item, choice, strength, ratings)
+        written_by = {"left": left, "right": "b" if left == "a" else "a"}.get(form.get("written_by", ""))
+        if choice == "skip":
+            written_by = None  # "cannot judge" answers nothing, this question included
+        check_judgment(item, choice, strength, ratings, written_by)
     except Invalid as exc:
         return item_page(store, annotator, stored, error=exc.message, status=422, form=form)
     key = form.get("idempotency_key") or None
     store.record(annotator, item.item_id, choice=choice, strength=strength, ratings=ratings, reason=reason,
-                 idempotency_key=key if key and len(key) <= 128 else None, via="page")
+                 idempotency_key=key if key and len(key) <= 128 else None, written_by=written_by, via="page")
     return RedirectResponse("/", status_code=303)
 
 

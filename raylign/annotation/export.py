@@ -22,8 +22,10 @@ Gold items (attention checks) are left out unless `include_gold`. Every row carr
              majority: rating = the median of the annotators' ratings; agreement = the share of them
              that gave the most frequent rating. all: one row per annotator's rating. Skips give none.
   judgments  every current judgment of every item, gold included, one JSONL row each:
-             {item_id, annotator, choice, strength, ratings, shown_left, time, reason, latency_ms, via,
-             kind, gold}. choice is a | b | tie | skip (null for a rated rating item).
+             {item_id, annotator, choice, strength, ratings, shown_left, written_by, time, reason,
+             latency_ms, via, kind, gold}. choice is a | b | tie | skip (null for a rated rating item);
+             written_by (human-vs-model items) is the answer the annotator thinks a person wrote, a | b,
+             or null when they did not say.
 """
 
 from __future__ import annotations
@@ -168,7 +170,8 @@ def rating_rows(store: Store, aggregate: Aggregate = "majority", include_gold: b
 def judgment_rows(store: Store) -> list[dict[str, Any]]:
     items = {s.item_id: s.item for s in store.items()}
     return [{"item_id": j.item_id, "annotator": j.annotator, "choice": j.choice, "strength": j.strength,
-             "ratings": j.ratings, "shown_left": j.shown_left, "time": iso_time(j.created), "reason": j.reason,
+             "ratings": j.ratings, "shown_left": j.shown_left, "written_by": j.written_by,
+             "time": iso_time(j.created), "reason": j.reason,
              "latency_ms": j.latency_ms, "via": j.via, "kind": items[j.item_id].kind,
              "gold": items[j.item_id].is_gold} for j in store.current_judgments()]
 

@@ -59,6 +59,13 @@ _ITEM = """{% extends "base.html" %}
     <article class="answer" id="answer-left"><h2>Answer A</h2><div class="content">{{ left }}</div></article>
     <article class="answer" id="answer-right"><h2>Answer B</h2><div class="content">{{ right }}</div></article>
   </div>
+  {% if ask_written_by %}
+  <fieldset class="written-by" id="written-by">
+    <legend>One answer was written by a person. Which one? (optional)</legend>
+    <label><input type="radio" name="written_by" value="left" id="written-left"{% if written_by == "left" %} checked{% endif %}> A</label>
+    <label><input type="radio" name="written_by" value="right" id="written-right"{% if written_by == "right" %} checked{% endif %}> B</label>
+  </fieldset>
+  {% endif %}
   <fieldset class="choices">
     <legend>Which answer is better?</legend>
     <button type="submit" name="choice" value="left" data-key="1" id="choose-left">A is better <kbd>1</kbd></button>

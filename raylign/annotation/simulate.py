@@ -7,7 +7,10 @@ at once (one thread each).
 The oracle is any reward source spec (`lexicon:vader`, `length`, `module:function`, a reward model;
 see `raylign.rewards`). Its true answer for a pair item is the answer it scores higher ("a" or "b"),
 "tie" when both score the same; for a rating item, every criterion gets
-clip(round(4 + 3 tanh(score)), 1, 7).
+clip(round(4 + 3 tanh(score)), 1, 7). Asked which answer of a human-vs-model item a person wrote, a
+simulated annotator names the answer the oracle scores higher (a drawn one on a tie), with the same
+noise over the two answers: how well that identifies the person is how much better people write by
+the oracle's measure.
 
 Noise. With probability `noise` (ε) an annotator's answer is replaced by one drawn uniformly from all
 K answers, the true one included: K = 3 (a, b, tie) for pair items, K = 7 (1..7) for each rating.
@@ -88,7 +91,12 @@ def simulated_judgment(item: dict[str, Any], truth: Any, noise: float, seed: int
     g = rng(seed, Purpose.ANNOTATE, step=SIMULATE_STEP + annotator, index=item_key(item["item_id"]))
     if item["kind"] in PAIR_KINDS:
         u, pick = g.random(), int(g.integers(len(PAIR_ANSWERS)))
-        return {"item_id": item["item_id"], "choice": noisy(truth, PAIR_ANSWERS, noise, u, pick)}
+        body = {"item_id": item["item_id"], "choice": noisy(truth, PAIR_ANSWERS, noise, u, pick)}
+        if item["kind"] == "human-vs-model":  # drawn after the choice, so the choices stay as they were
+            u, pick = g.random(), int(g.integers(2))
+            guess = truth if truth in ("a", "b") else ("a", "b")[pick]
+            body["written_by"] = noisy(guess, ("a", "b"), noise, u, pick)
+        return body
     scale = tuple(range(LIKERT_MIN, LIKERT_MAX + 1))
     ratings = {}
     for c in item["criteria"] or []:

@@ -16,7 +16,9 @@ Tables:
                the queue's bookkeeping, rewritten as annotators work
   judgments    append-only (triggers refuse UPDATE and DELETE): annotator, item, shown_left (the
                answer shown on the left, "a" or "b"), choice, strength, ratings (JSON), reason,
-               latency_ms, via (page | api), created (unix time), supersedes (the row it corrects)
+               written_by (human-vs-model items: the answer the annotator thinks a person wrote, "a"
+               or "b", or null when not answered), latency_ms, via (page | api), created (unix
+               time), supersedes (the row it corrects)
 
 A correction is a new row; the current judgment of (annotator, item) is its latest row (view
 `current_judgments`). Retries never duplicate: every row has a `judgment_key`, UNIQUE per annotator:
@@ -59,7 +61,7 @@ from raylign.annotation.errors import StoreError
 from raylign.annotation.tasks import CHOICES, PAIR_KINDS, Task, TaskItem, TaskSettings, item_fingerprint
 from raylign.runtime import Purpose, rng
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: judgments.written_by (a version-1 file is upgraded in place when opened)
 BUSY_TIMEOUT_MS = 30_000
 NAME_MAX = 64
 
@@ -98,6 +100,7 @@ CREATE TABLE IF NOT EXISTS judgments (
     strength INTEGER CHECK (strength IS NULL OR strength BETWEEN 1 AND 3),
     ratings TEXT,
     reason TEXT,
+    written_by TEXT CHECK (written_by IS NULL OR written_by IN ('a', 'b')),
     latency_ms INTEGER,
     via TEXT NOT NULL CHECK (via IN ('page', 'api')),
     created REAL NOT NULL,
@@ -154,6 +157,7 @@ class Judgment:
     strength: int | None
     ratings: dict[str, int] | None
     reason: str | None
+    written_by: str | None
     latency_ms: int | None
     via: str
     created: float
@@ -161,7 +165,8 @@ class Judgment:
     judgment_key: str
 
     def content(self) -> tuple[Any, ...]:
-        return (self.choice, self.strength, json.dumps(self.ratings, sort_keys=True), self.reason or None)
+        return (self.choice, self.strength, json.dumps(self.ratings, sort_keys=True), self.reason or None,
+                self.written_by)
 
 
 @dataclass(frozen=True)
@@ -225,6 +230,10 @@ class Store:
                 if version is None:
                     c.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
                     c.execute("INSERT INTO meta VALUES ('secret', ?)", (secrets.token_hex(32),))
+                elif int(version[0]) == 1:  # adding a nullable column keeps every row as it was
+                    c.execute("ALTER TABLE judgments ADD COLUMN written_by TEXT "
+                              "CHECK (written_by IS NULL OR written_by IN ('a', 'b'))")
+                    c.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
                 elif int(version[0]) != SCHEMA_VERSION:
                     raise StoreError(f"{path} has schema version {version[0]}; this raylign reads {SCHEMA_VERSION}")
         except sqlite3.DatabaseError as exc:
@@ -475,27 +484,30 @@ class Store:
 
     def record(self, annotator: Annotator, item_id: str, *, choice: str | None = None, strength: int | None = None,
                ratings: dict[str, int] | None = None, reason: str | None = None, latency_ms: int | None = None,
-               shown_left: str | None = None, idempotency_key: str | None = None,
+               shown_left: str | None = None, idempotency_key: str | None = None, written_by: str | None = None,
                via: str = "api") -> tuple[Judgment, bool]:
         """Append one judgment; returns (row, replayed). The body was validated by the caller
         (`raylign.annotation.app.JudgmentIn.check`); this checks the queue and the idempotency key."""
         if choice is not None and choice not in CHOICES:
             raise ValueError(f"choice {choice!r}")
+        if written_by not in (None, "a", "b"):
+            raise ValueError(f"written_by {written_by!r}")
         item = self.item(item_id)
         reason = reason or None
         ratings_json = json.dumps(ratings, sort_keys=True) if ratings is not None else None
+        content = (choice, strength, json.dumps(ratings, sort_keys=True), reason, written_by)
         now = time.time()
         with self.write() as c:
             if idempotency_key is not None:
                 same = self._row(c, "j.annotator_id = ? AND j.judgment_key = ?", (annotator.id, idempotency_key))
                 if same is not None:
-                    if same.item_id != item_id or same.content() != (choice, strength, json.dumps(ratings, sort_keys=True), reason):
+                    if same.item_id != item_id or same.content() != content:
                         raise KeyReused(f"idempotency_key {idempotency_key!r} was already used for another judgment; "
                                         "send a new key for a new judgment")
                     return same, True
             current = self._row(c, "j.annotator_id = ? AND j.item_id = ? ORDER BY j.id DESC LIMIT 1",
                                 (annotator.id, item_id))
-            if current is not None and current.content() == (choice, strength, json.dumps(ratings, sort_keys=True), reason):
+            if current is not None and current.content() == content:
                 return current, True
             self._allowed(c, annotator, item, now)
             served = c.execute("SELECT served_at FROM assignments WHERE annotator_id = ? AND item_ordinal = ?",
@@ -505,12 +517,14 @@ class Store:
             left = shown_left or self.shown_left(annotator, item)
             supersedes = current.id if current is not None else None
             key = idempotency_key or "auto:" + hashlib.sha256(json.dumps(
-                [item_id, choice, strength, ratings_json, reason, supersedes]).encode()).hexdigest()
+                [item_id, choice, strength, ratings_json, reason, supersedes]
+                + ([written_by] if written_by else [])).encode()).hexdigest()  # version-1 keys stay the same
             cur = c.execute(
                 "INSERT INTO judgments (annotator_id, item_id, judgment_key, shown_left, choice, strength, ratings, "
-                "reason, latency_ms, via, created, supersedes) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (annotator.id, item_id, key, left, choice, strength, ratings_json, reason, latency_ms, via, now,
-                 supersedes))
+                "reason, written_by, latency_ms, via, created, supersedes) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (annotator.id, item_id, key, left, choice, strength, ratings_json, reason, written_by, latency_ms,
+                 via, now, supersedes))
             state = "skipped" if choice == "skip" else "judged"
             c.execute("INSERT INTO assignments (annotator_id, item_ordinal, state, claimed_at, served_at) "
                       "VALUES (?, ?, ?, ?, ?) ON CONFLICT (annotator_id, item_ordinal) DO UPDATE SET state = ?",
@@ -520,7 +534,7 @@ class Store:
         return row, False
 
     _SELECT = ("SELECT j.id, j.annotator_id, a.name, j.item_id, j.shown_left, j.choice, j.strength, j.ratings, j.reason, "
-               "j.latency_ms, j.via, j.created, j.supersedes, j.judgment_key FROM {table} j "
+               "j.written_by, j.latency_ms, j.via, j.created, j.supersedes, j.judgment_key FROM {table} j "
                "JOIN annotators a ON a.id = j.annotator_id")
 
     def _row(self, c: sqlite3.Connection, where: str, args: tuple[Any, ...]) -> Judgment | None:
@@ -543,5 +557,5 @@ class Store:
 
 def _judgment(row: tuple[Any, ...]) -> Judgment:
     return Judgment(int(row[0]), int(row[1]), str(row[2]), str(row[3]), row[4], row[5], row[6],
-                    json.loads(row[7]) if row[7] is not None else None, row[8], row[9], str(row[10]),
-                    float(row[11]), row[12], str(row[13]))
+                    json.loads(row[7]) if row[7] is not None else None, row[8], row[9], row[10], str(row[11]),
+                    float(row[12]), row[13], str(row[14]))

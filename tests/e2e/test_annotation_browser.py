@@ -48,6 +48,8 @@ ITEMS = [
      "response_b": "A plain answer without markup."},
     {"item_id": "plain1", "kind": "pairwise", "prompt": "Name a colour.", "response_a": "Blue.", "response_b": "Seven."},
     {"item_id": "plain2", "kind": "pairwise", "prompt": "Say hello.", "response_a": "Hello!", "response_b": "Go away."},
+    {"item_id": "hvm", "kind": "human-vs-model", "prompt": "Describe rain.", "response_a": "Wet drops falling from clouds.",
+     "response_b": "It smells of dust and relief when it finally comes.", "source_a": "model", "source_b": "human"},
 ]
 BY_ID = {item["item_id"]: item for item in ITEMS}
 
@@ -128,7 +130,7 @@ def test_annotating_in_a_browser(served):
         first = shown(driver)
         assert first in BY_ID and driver.current_url == f"{server.url}/"
         assert driver.find_element(By.CLASS_NAME, "who").text == "Ada"
-        assert driver.find_element(By.ID, "progress-text").text == "0 / 4 done"
+        assert driver.find_element(By.ID, "progress-text").text == "0 / 5 done"
         check_item_page(driver, first)
 
         # the README's screenshot: the showcase item, as an annotator sees it
@@ -145,7 +147,7 @@ def test_annotating_in_a_browser(served):
         driver.find_element(By.ID, "choose-left").click()
         after_click = wait_for_other_page(driver, current)
         assert after_click not in (None, current)
-        assert driver.find_element(By.ID, "progress-text").text == "1 / 4 done"
+        assert driver.find_element(By.ID, "progress-text").text == "1 / 5 done"
 
         # a reload keeps the place
         driver.refresh()
@@ -156,7 +158,7 @@ def test_annotating_in_a_browser(served):
         driver.find_element(By.TAG_NAME, "body").send_keys("2")
         after_key = wait_for_other_page(driver, after_click)
         assert after_key != after_click
-        assert driver.find_element(By.ID, "progress-text").text == "2 / 4 done"
+        assert driver.find_element(By.ID, "progress-text").text == "2 / 5 done"
 
         # a completion containing markup shows as text, and runs nothing
         driver.get(f"{server.url}/item/markup")
@@ -168,6 +170,15 @@ def test_annotating_in_a_browser(served):
         wait_for_other_page(driver, "markup")
         expected[("Ada", "markup")] = "tie"
         assert driver.execute_script("return typeof window.pwned") == "undefined"
+
+        # a human-vs-model item also asks which answer a person wrote
+        driver.get(f"{server.url}/item/hvm")
+        check_item_page(driver, "hvm")
+        written_by = side_choice(driver, "right")
+        driver.find_element(By.ID, "written-right").click()
+        expected[("Ada", "hvm")] = side_choice(driver, "left")
+        driver.find_element(By.ID, "choose-left").click()
+        wait_for_other_page(driver, "hvm")
     finally:
         driver.quit()
 
@@ -176,14 +187,14 @@ def test_annotating_in_a_browser(served):
     try:
         plain.get(link_bo)
         first = shown(plain)
-        assert plain.find_element(By.ID, "progress-text").text == "0 / 4 done"
+        assert plain.find_element(By.ID, "progress-text").text == "0 / 5 done"
         plain.find_element(By.TAG_NAME, "body").send_keys("1")
         time.sleep(0.5)  # with JavaScript the key would have sent the form by now
         plain.refresh()
-        assert shown(plain) == first and plain.find_element(By.ID, "progress-text").text == "0 / 4 done"
+        assert shown(plain) == first and plain.find_element(By.ID, "progress-text").text == "0 / 5 done"
         plain.find_element(By.ID, "choose-tie").click()
         second = wait_for_other_page(plain, first)
-        assert second != first and plain.find_element(By.ID, "progress-text").text == "1 / 4 done"
+        assert second != first and plain.find_element(By.ID, "progress-text").text == "1 / 5 done"
         expected[("Bo", first)] = "tie"
         expected[("Bo", second)] = side_choice(plain, "right")
         plain.find_element(By.CSS_SELECTOR, ".strength input[value='3']").click()
@@ -199,6 +210,7 @@ def test_annotating_in_a_browser(served):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert {(r["annotator"], r["item_id"]): r["choice"] for r in rows} == expected
     assert len(rows) == len(expected)
+    assert {(r["annotator"], r["item_id"]): r["written_by"] for r in rows if r["written_by"]} == {("Ada", "hvm"): written_by}
     bo = next(r for r in rows if r["annotator"] == "Bo" and r["item_id"] == second)
     assert bo["strength"] == 3 and bo["reason"] == "more <useful>" and bo["shown_left"] in ("a", "b")
     assert (REPO / "docs" / "annotation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -106,6 +106,8 @@ def test_api_flow_until_204(app):
     ({"item_id": "r1", "choice": "a"}, 422, "choice", "rating item"),
     ({"item_id": "p1", "choice": "a", "idempotency_key": "no spaces allowed"}, 422, "idempotency_key", "pattern"),
     ({"item_id": "nope", "choice": "a"}, 404, None, "no item 'nope'"),
+    ({"item_id": "p1", "choice": "a", "written_by": "a"}, 422, "written_by", "asked of human-vs-model items"),
+    ({"item_id": "p2", "choice": "a", "written_by": "human"}, 422, "written_by", "Input should be 'a' or 'b'"),
 ])
 def test_invalid_judgments_get_clear_errors(app, body, status, field, words):
     store, client, token, _ = app
@@ -235,3 +237,29 @@ def test_done_page_and_previous_link(app):
     store.record(ann, "r1", choice="skip")
     html = client.get("/").text
     assert 'id="done"' in html and "You answered 3 items" in html and 'href="/item/r1"' in html
+
+
+def test_which_one_a_person_wrote_on_the_page_and_the_api(app):
+    store, client, token, other_token = app
+    _login(client, token)
+    ann = store.annotator_by_token(token)
+    html = client.get("/item/p2").text
+    assert "Which one?" in html and 'name="written_by" value="left"' in html
+    assert "Which one?" not in client.get("/item/p1").text  # only human-vs-model items ask
+    left = store.shown_left(ann, store.item("p2"))
+    right = "b" if left == "a" else "a"
+    r = client.post("/judge", data={**_form(html), "choice": "left", "written_by": "right"}, follow_redirects=False)
+    assert r.status_code == 303
+    (j,) = store.current_judgments()
+    assert (j.choice, j.written_by) == (left, right)  # page sides mapped to the item's answers
+    assert 'value="right" id="written-right" checked' in client.get("/item/p2").text  # shown again as answered
+    # "cannot judge" answers nothing
+    client.post("/judge", data={**_form(client.get("/item/p2").text), "choice": "skip", "written_by": "left"})
+    assert store.current_judgments()[0].written_by is None
+    # the API (a program with the bearer token): reads the judgment back, then corrects it
+    api = TestClient(client.app)
+    r = api.get("/api/judgments", headers=bearer(token))
+    assert r.status_code == 200 and r.json()[0]["written_by"] is None
+    r = api.post("/api/judgments", json={"item_id": "p2", "choice": "b", "written_by": "a"}, headers=bearer(token))
+    assert r.status_code == 201 and r.json()["written_by"] == "a"
+    assert store.current_judgments()[0].written_by == "a"

@@ -42,7 +42,8 @@ def store(tmp_path):
     for item_id, choices in votes.items():
         for a, choice in zip(ann, choices, strict=True):
             if choice is not None:
-                store.record(a, item_id, choice=choice, strength=2 if choice in ("a", "b") else None)
+                store.record(a, item_id, choice=choice, strength=2 if choice in ("a", "b") else None,
+                             written_by="b" if item_id == "chat" and a is ann[1] else None)
     store.record(ann[0], "win-a", choice="b")  # ...
     store.record(ann[0], "win-a", choice="a", strength=3)  # ... corrected back: only the latest counts
     for a, (h, k) in zip(ann, [(6, 7), (6, 5), (2, 7)], strict=True):
@@ -107,7 +108,9 @@ def test_judgments_rows(store, tmp_path):
     assert len(rows) == len(store.current_judgments()) == 21
     first = next(r for r in rows if r["item_id"] == "win-a" and r["annotator"] == "ann")
     assert first["choice"] == "a" and first["strength"] == 3 and first["shown_left"] in ("a", "b")
-    assert {"item_id", "annotator", "choice", "strength", "ratings", "shown_left", "time"} <= set(first)
+    assert {"item_id", "annotator", "choice", "strength", "ratings", "shown_left", "written_by", "time"} <= set(first)
+    chat = {r["annotator"]: r["written_by"] for r in rows if r["item_id"] == "chat"}
+    assert chat == {"ann": None, "bob": "b", "cy": None}
     assert any(r["gold"] for r in rows) and any(r["ratings"] == {"helpful": 6, "kind": 7} for r in rows)
 
 

@@ -115,3 +115,55 @@ def test_the_oracle_prefers_the_higher_score():
     assert oracle.truth(item) == "b"
     assert oracle.truth({**item, "item_id": "t", "response_b": "Dinner was awful and sad."}) == "tie"
     assert oracle_rating(1.0) == 6 and oracle_rating(-5.0) == 1 and oracle_rating(0.0) == 4
+
+
+def test_identification_strength_per_item_and_time_by_hand(tmp_path):
+    """Three human-vs-model items (the person wrote a on h0, h1; b on h2), two annotators:
+    written_by right 3 times of 4 answers -> accuracy 0.75; P_i: h0 both a -> 1, h1 a vs b -> 0, h2 both tie -> 1;
+    signed strengths (a2, a2), (a1, b3), (0, 0); latencies 1..6 s."""
+    store = Store(tmp_path / "db.sqlite")
+    items = [TaskItem(item_id=f"h{i}", kind="human-vs-model", prompt="p", response_a=f"x{i}", response_b=f"y{i}",
+                      source_a="human" if i < 2 else "m", source_b="m" if i < 2 else "human") for i in range(3)]
+    store.load_task(Task(TaskSettings(overlap=2), items, "t"))
+    u, v = (store.add_annotator(n)[0] for n in ("u", "v"))
+    store.record(u, "h0", choice="a", strength=2, written_by="a", latency_ms=1000)
+    store.record(v, "h0", choice="a", strength=2, written_by="b", latency_ms=2000)
+    store.record(u, "h1", choice="a", strength=1, written_by="a", latency_ms=3000)
+    store.record(v, "h1", choice="b", strength=3, latency_ms=4000)
+    store.record(u, "h2", choice="tie", written_by="b", latency_ms=5000)
+    store.record(v, "h2", choice="tie", latency_ms=6000)
+    report = build_report(store, n_boot=200)
+    ch = report["choices"]
+    ident = ch["identification"]
+    assert ident["accuracy"] == pytest.approx(0.75) and ident["n_judgments"] == 4
+    assert ident["ci_low"] <= 0.75 <= ident["ci_high"]
+    # model preferred or tie: h0 human, human; h1 human, model; h2 tie, tie -> 3 / 6
+    assert ch["human_consistency"]["score"] == pytest.approx(0.5)
+    pi = ch["per_item"]
+    assert [r["item_id"] for r in pi["items"]] == ["h1", "h0", "h2"]
+    assert [r["agreement"] for r in pi["items"]] == [0.0, 1.0, 1.0]
+    assert pi["mean"] == pytest.approx(2 / 3) and pi["unanimous_share"] == pytest.approx(2 / 3)
+    signed = np.array([[-2, -1, 0], [-2, 3, 0]], dtype=float)
+    reference = krippendorff.alpha(reliability_data=signed, level_of_measurement="ordinal",
+                                   value_domain=[-3, -2, -1, 0, 1, 2, 3])
+    assert ch["strength"]["krippendorff_alpha_ordinal"] == pytest.approx(reference, abs=1e-6)
+    t = report["time"]
+    assert t["overall"]["median_s"] == pytest.approx(3.5) and t["overall"]["mean_s"] == pytest.approx(3.5)
+    assert t["overall"]["p90_s"] == pytest.approx(np.quantile([1, 2, 3, 4, 5, 6], 0.9))
+    assert t["annotators"]["u"]["median_s"] == pytest.approx(3.0) and t["annotators"]["v"]["n"] == 3
+    out = tmp_path / "report"
+    assert main(["report", str(store.path), "--out", str(out), "--bootstrap", "100"]) == 0
+    text = (out / "report.md").read_text()
+    assert "identification accuracy" in text and "| h1 | 2 | a | 0.500 | 0.000 |" in text
+    assert "## Time per item" in text and "Median 3.5 s" in text
+
+
+def test_simulated_annotators_name_the_oracles_favourite_as_written_by_a_person():
+    item = {"item_id": "h", "kind": "human-vs-model", "prompt": "p", "response_a": "x", "response_b": "y"}
+    bodies = [simulated_judgment(item, "b", 0.0, seed=0, annotator=k) for k in range(1, 6)]
+    assert all(b["written_by"] == "b" and b["choice"] == "b" for b in bodies)
+    noisy_bodies = [simulated_judgment({**item, "item_id": f"h{i}"}, "a", 1.0, seed=0, annotator=1) for i in range(400)]
+    share = Counter(b["written_by"] for b in noisy_bodies)["a"] / 400
+    assert 0.42 < share < 0.58  # noise 1: a uniform guess
+    pair = {**item, "kind": "pairwise"}
+    assert "written_by" not in simulated_judgment(pair, "a", 0.0, seed=0, annotator=1)

@@ -153,3 +153,40 @@ def test_loading_tasks_again(tmp_path):
     (tmp_path / "junk.sqlite").write_text("not a database at all" * 100)
     with pytest.raises(StoreError, match="not a usable annotations database"):
         Store(tmp_path / "junk.sqlite")
+
+
+def test_a_version_1_database_is_upgraded_in_place_and_keeps_its_rows(tmp_path):
+    store = make_store(tmp_path)
+    ann, _ = store.add_annotator("u")
+    store.record(ann, "i0", choice="a")
+    store.close()
+    # what a version-1 file looks like: no written_by column
+    conn = sqlite3.connect(tmp_path / "db.sqlite")
+    conn.executescript("DROP VIEW current_judgments; DROP TRIGGER judgments_no_update; DROP TRIGGER judgments_no_delete;"
+                       "ALTER TABLE judgments DROP COLUMN written_by; UPDATE meta SET value = '1' "
+                       "WHERE key = 'schema_version';"
+                       "CREATE VIEW current_judgments AS SELECT j.* FROM judgments j WHERE j.id = (SELECT MAX(k.id) "
+                       "FROM judgments k WHERE k.annotator_id = j.annotator_id AND k.item_id = j.item_id);")
+    conn.close()
+    again = Store(tmp_path / "db.sqlite")
+    (row,) = again.current_judgments()
+    assert row.choice == "a" and row.written_by is None
+    assert again._meta("schema_version") == "2"
+    again.record(again.annotators()[0], "i1", choice="b")
+    with pytest.raises(sqlite3.IntegrityError):
+        with again.write() as c:
+            c.execute("UPDATE judgments SET choice = 'b' WHERE item_id = 'i0'")
+
+
+def test_written_by_is_part_of_the_judgment(tmp_path):
+    store = Store(tmp_path / "db.sqlite")
+    store.load_task(Task(TaskSettings(), [TaskItem(item_id="h", kind="human-vs-model", prompt="p", response_a="x",
+                                                   response_b="y", source_a="human", source_b="m")], "t"))
+    ann, _ = store.add_annotator("u")
+    first, _ = store.record(ann, "h", choice="a", written_by="b")
+    again, replayed = store.record(ann, "h", choice="a", written_by="b")
+    assert replayed and again.id == first.id and first.written_by == "b"
+    changed, replayed = store.record(ann, "h", choice="a", written_by="a")
+    assert not replayed and changed.supersedes == first.id and changed.written_by == "a"
+    with pytest.raises(ValueError):
+        store.record(ann, "h", choice="a", written_by="human")
