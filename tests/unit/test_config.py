@@ -39,7 +39,7 @@ def test_unknown_key_names_key_suggestion_and_valid_keys():
     msg = _error("sft", ["train.lrr=1"])
     assert msg == (
         "invalid recipe 'sft':\n  unknown key 'train.lrr'. Did you mean 'train.lr'? Valid keys in train: "
-        "batch_size, epochs, eval_every, log_every, lr, max_grad_norm, max_steps, micro_batch_size, on_nonfinite, "
+        "batch_size, counterfactual_penalty, epochs, eval_every, log_every, lr, max_grad_norm, max_steps, micro_batch_size, on_nonfinite, "
         "scheduler, warmup_steps, weight_decay"
     )
 
