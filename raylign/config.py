@@ -267,6 +267,47 @@ class MultitaskConfig(Section):
         return data
 
 
+class RLlibConfig(Section):
+    """`raylign train dqn` / `rllib_ppo`: RLlib's DQN and PPO over the LM's vocabulary (raylign/rllib/).
+    One episode is one completion; one action one token; the reward is the completion's score at the end."""
+
+    episodes: int = Field(300, gt=0, description="stop once this many episodes (completions) were sampled")
+    iterations: int | None = Field(None, gt=0, description="also stop after this many RLlib iterations")
+    env_runners: int = Field(1, ge=0, description="EnvRunner actors (0 = sample in the driver)")
+    cpus_per_env_runner: float = Field(0.5, gt=0.0)
+    envs_per_env_runner: int = Field(4, ge=1, description="vectorised episodes per EnvRunner (one batched forward)")
+    top_k: int = Field(50, ge=0, description="actions = the reference's top-k tokens at each state; 0 = whole vocab")
+    tau: float = Field(1.0, gt=0.0, description="Q(s, a) = tau * log_softmax(logits)[a]")
+    score_offset: float = Field(0.0, description="terminal reward = score - score_offset (DQN: tau*log-probs are "
+                                "<= 0, so returns <= 0 are representable)")
+    kl_coef: float = Field(0.0, ge=0.0, description="β of the KL to the frozen reference (DQN: per-token reward "
+                           "penalty; PPO: a loss term); 0 = none")
+    # DQN
+    replay: Literal["prioritized", "uniform"] = "prioritized"
+    replay_capacity: int = Field(50000, gt=0, description="transitions the episode replay buffer holds")
+    prioritized_alpha: float = Field(0.6, ge=0.0)
+    prioritized_beta: float = Field(0.4, ge=0.0)
+    n_step: int = Field(8, ge=1, description="n-step returns")
+    target_update_period: int = Field(200, ge=1, description="env steps between target-network updates")
+    target_update_tau: float = Field(1.0, gt=0.0, le=1.0, description="Polyak weight of a target update (1 = copy)")
+    double_q: bool = True
+    td_loss: Literal["mse", "huber"] = "mse"
+    epsilon_start: float = Field(1.0, ge=0.0, le=1.0)
+    epsilon_end: float = Field(0.05, ge=0.0, le=1.0)
+    epsilon_steps: int = Field(1000, gt=0, description="env steps over which epsilon decays linearly")
+    learning_starts: int = Field(128, ge=0, description="env steps sampled before the first update")
+    dqn_batch_size: int = Field(32, gt=0, description="transitions per DQN update")
+    training_intensity: float | None = Field(None, gt=0.0, description="replayed / sampled steps; None = RLlib's")
+    # PPO
+    clip_param: float = Field(0.2, gt=0.0)
+    gae_lambda: float = Field(0.95, ge=0.0, le=1.0)
+    ppo_batch_steps: int = Field(256, gt=0, description="env steps per PPO iteration (per learner)")
+    minibatch_size: int = Field(64, gt=0)
+    ppo_epochs: int = Field(2, ge=1)
+    vf_loss_coeff: float = Field(0.5, ge=0.0)
+    entropy_coeff: float = Field(0.0, ge=0.0)
+
+
 class ResourcesConfig(Section):
     """How many actors of each kind, and what each gets; fractional CPUs let 2 cores host many."""
 
@@ -342,7 +383,7 @@ class OutputConfig(Section):
 
 # Every algorithm `raylign train` runs (IPO and cDPO are DPO's preference.loss_type / label_smoothing).
 Algorithm = Literal["sft", "reward", "dpo", "simpo", "orpo", "kto", "ppo", "grpo", "rloo", "reinforce_pp",
-                    "adversarial", "multitask"]
+                    "adversarial", "multitask", "dqn", "rllib_ppo"]
 ALGORITHMS: tuple[str, ...] = typing.get_args(Algorithm)
 # Keys that moved: the old spelling fails with a pointer to the new one.
 MOVED_KEYS = {"rollout.workers": "resources.rollout_workers", "output.tensorboard": "output.trackers"}
@@ -366,6 +407,7 @@ class RunConfig(Section):
     rl: RLConfig = Field(default_factory=RLConfig)
     adversarial: AdversarialConfig = Field(default_factory=AdversarialConfig)
     multitask: MultitaskConfig = Field(default_factory=MultitaskConfig)
+    rllib: RLlibConfig = Field(default_factory=RLlibConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 

@@ -14,8 +14,18 @@ from raylign.pipelines.offline import OFFLINE_ALGORITHMS, run_offline
 from raylign.pipelines.online import ONLINE_ALGORITHMS, run_online
 from raylign.rundir import RunResult
 
+
+def run_rllib(config: RunConfig, **kwargs: Any) -> RunResult:
+    """RLlib's DQN / PPO on text (raylign.rllib.runner), imported on first use: `import raylign.pipelines`
+    does not import RLlib."""
+    from raylign.rllib.runner import run_rllib as run
+
+    return run(config, **kwargs)
+
+
 PIPELINES = (dict.fromkeys(OFFLINE_ALGORITHMS, run_offline) | dict.fromkeys(ONLINE_ALGORITHMS, run_online)
-             | {"adversarial": run_adversarial} | dict.fromkeys(MULTITASK_ALGORITHMS, run_multitask))
+             | {"adversarial": run_adversarial} | dict.fromkeys(MULTITASK_ALGORITHMS, run_multitask)
+             | dict.fromkeys(("dqn", "rllib_ppo"), run_rllib))
 
 
 def run_pipeline(config: RunConfig, resume: bool = False, console: Console | None = None,
