@@ -336,6 +336,25 @@ class ResourcesConfig(Section):
         1800.0, gt=0.0, description="a remote call (a train step, a generation, a reward) still running after "
         "this stops the run naming the actor and method; None = wait forever")
 
+    @field_validator("learner_placement", "rollout_placement", "reward_placement")
+    @classmethod
+    def _placement(cls, value: str) -> str:
+        return check_placement(value)
+
+
+_NODE_RESOURCE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+_RAY_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+
+
+def check_placement(value: str) -> str:
+    """`pack`, `spread` or the name of a custom node resource (`node_b`); ValueError otherwise."""
+    if value in ("pack", "spread"):
+        return value
+    if not _NODE_RESOURCE.match(value) or value in _RAY_RESOURCES or value.startswith("node:"):
+        raise ValueError(f"placement {value!r} must be pack, spread or the name of a node resource (letters, "
+                         "digits, '_', '-', '.'; not CPU/GPU/memory), e.g. node_b from `raylign cluster up`")
+    return value
+
 
 def _default_trackers() -> list[Literal["tensorboard", "wandb", "mlflow"]]:
     return ["tensorboard"]
@@ -363,6 +382,15 @@ class OutputConfig(Section):
     storage: str | None = Field(
         None, description="a pyarrow.fs URI (a local/NFS path, s3://, gs://) that checkpoints and final/ reach "
         "from the node that wrote them, for clusters without a shared filesystem; None = output.dir is shared")
+
+    @field_validator("storage")
+    @classmethod
+    def _storage_uri(cls, storage: str | None) -> str | None:
+        """Every node resolves output.storage itself: a relative path would mean a different place on each."""
+        if storage is None or "://" in storage or storage.startswith(("/", "~")):
+            return storage
+        raise ValueError(f"{storage!r} is a relative path; output.storage must be a URI (s3://bucket/prefix, "
+                         "gs://..., file:///path) or an absolute path that every node sees (NFS)")
 
     @field_validator("name")
     @classmethod

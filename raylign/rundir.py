@@ -32,6 +32,7 @@ CHECKPOINTS_DIR = "checkpoints"
 CHECKPOINT_PREFIX = "step_"  # checkpoints/step_<n>/
 FINAL_DIR = "final"  # loadable by transformers and `raylign serve`
 REFERENCE_CACHE_PREFIX = "ref_logps_"  # ref_logps_<fingerprint>.npz: precomputed reference log-probs
+PLACEMENT_FILE = "placement.json"  # where each actor group landed: {group: {placement, node_ids, nodes}}
 RUN_MARKER = ".raylign-run"  # written when raylign creates a run dir: only such a dir is ever replaced
 
 # Inside a checkpoint.

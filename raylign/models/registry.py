@@ -9,6 +9,7 @@ records the build format so a cache written by an older raylign is rebuilt rathe
 from __future__ import annotations
 
 import difflib
+import hashlib
 import logging
 import os
 import time
@@ -19,6 +20,7 @@ from typing import Any
 
 from raylign.models.cache import atomic_directory, models_cache_dir, read_marker, write_marker
 from raylign.models.errors import ModelNotFoundError
+from raylign.storage import has_scheme
 
 log = logging.getLogger(__name__)
 
@@ -116,12 +118,14 @@ def resolve_model_path(name: str, trust_remote_code: bool = False) -> str:
     name = name.strip()
     if name.startswith((BUILTIN_PREFIX, TINY_PREFIX)):
         return str(ensure_cached(_cached_model(name)))
+    if has_scheme(name):
+        return str(_from_storage(name))
     path = Path(name).expanduser()
     if path.is_dir():
         _check_model_dir(path, name)
         return str(path.resolve())
     if _looks_like_path(name):
-        raise ModelNotFoundError(f"model directory '{name}' does not exist. {_alternatives()}")
+        raise ModelNotFoundError(f"model directory '{name}' does not exist{_on_which_node()}. {_alternatives()}")
     return _from_hub(name, trust_remote_code)
 
 
@@ -185,6 +189,38 @@ def _alternatives() -> str:
         f"a builtin model obtained from PyPI ({builtins}) or a random test model ({tinies}); "
         "`raylign models list` shows them."
     )
+
+
+def _from_storage(uri: str) -> Path:
+    """A model directory named by a storage URI (`s3://bucket/models/x`, `file:///nfs/x`): fetched once
+    per node into `$RAYLIGN_HOME/models/storage-<hash>` (every node has its own cache)."""
+    from raylign import storage
+
+    dest = models_cache_dir() / f"storage-{hashlib.sha256(uri.encode()).hexdigest()[:16]}"
+    if not dest.is_dir():
+        try:
+            storage.get_dir(uri, dest, require_complete=False)
+        except (storage.StorageError, OSError) as exc:
+            raise ModelNotFoundError(f"model '{uri}' could not be fetched from storage ({exc}). "
+                                     f"{_alternatives()}") from None
+    _check_model_dir(dest, uri)
+    return dest
+
+
+def _on_which_node() -> str:
+    """Inside a Ray actor: which node looked, and what a cluster without a shared filesystem needs."""
+    import sys
+
+    if "ray" not in sys.modules:
+        return ""
+    import ray
+
+    if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
+        return ""
+    node = ray.get_runtime_context().get_node_id()
+    return (f" on the node this actor runs on (Ray node {node[:12]}): a cluster node sees only its own disk, "
+            "not the driver's. Put the model where every node can read it and name it by URI (model.path="
+            "s3://bucket/models/x, gs://..., or file:///shared/models/x on a shared filesystem)")
 
 
 def _looks_like_path(name: str) -> bool:

@@ -18,6 +18,7 @@ one place, with `perf/step_seconds` for the whole step.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -30,8 +31,19 @@ import numpy as np
 from rich.console import Console
 from tqdm.auto import tqdm
 
+from raylign import storage
 from raylign.config import RunConfig
-from raylign.rundir import RunDir, RunResult, is_disk_full, read_trainer_state, write_trainer_state
+from raylign.rundir import (
+    CHECKPOINT_PREFIX,
+    CHECKPOINTS_DIR,
+    FINAL_DIR,
+    PLACEMENT_FILE,
+    RunDir,
+    RunResult,
+    is_disk_full,
+    read_trainer_state,
+    write_trainer_state,
+)
 from raylign.runtime import NonFiniteError, Purpose, RunStopped, init_ray, rng
 from raylign.workers.group import WorkerGroup, gather
 
@@ -176,16 +188,23 @@ def _run(config: RunConfig, algorithm: Algorithm, run: RunDir, resume: bool, on_
     init_ray(config.resources.ray_address)
     algorithm.start(run)
     wait_ready([slot.group for slot in algorithm.learners] + algorithm.groups)
+    log_placement(algorithm, run)
     for slot in algorithm.learners:
         addr, port = slot.group.call("master_address")[0]
         slot.group.call("setup_distributed", addr, port)
         slot.group.call("setup_optimizer", algorithm.optimizer_steps)
     algorithm.prepare(run)
-    start, checkpoint = 0, run.latest_checkpoint() if resume else None
+    start, checkpoint = 0, latest_checkpoint(run, config.output.storage) if resume else None
     if checkpoint is not None:
         state = read_trainer_state(checkpoint)
+        stored = storage.join(config.output.storage, run.name, CHECKPOINTS_DIR, checkpoint.name) \
+            if config.output.storage else None
         for slot in algorithm.learners:
-            slot.group.call("load_checkpoint", str(checkpoint / slot.subdir))
+            # Learners off this node read it from storage, or from files shipped through the object store.
+            far = off_driver_node(slot.group)
+            source = storage.Source.of(checkpoint / slot.subdir, stored and storage.join(stored, slot.subdir),
+                                       ship=True) if far else None
+            slot.group.call("load_checkpoint", str(checkpoint / slot.subdir), **({"source": source} if far else {}))
         algorithm.load_state(checkpoint, state)
         start = int(state["step"])
         run.truncate_logs_after(start)
@@ -195,8 +214,13 @@ def _run(config: RunConfig, algorithm: Algorithm, run: RunDir, resume: bool, on_
     final = algorithm.finish(run, metrics)
     for slot in algorithm.learners:
         if slot.final:
-            slot.group.call("save_final", str(run.final))
+            handoff = storage.Handoff.to(run.final, run_storage(config.output.storage, run))
+            far = off_driver_node(slot.group)  # on this node the learners write run.final themselves
+            for delivered in slot.group.call("save_final", str(run.final), **({"handoff": handoff} if far else {})):
+                storage.receive(handoff, delivered)
     algorithm.after_final(run)
+    if config.output.storage and run.final.is_dir():
+        storage.put_dir(run.final, storage.join(config.output.storage, run.name, FINAL_DIR))
     run.log_final_model()
     return RunResult(str(run.path), algorithm.total_steps, final)
 
@@ -269,14 +293,95 @@ def wait_ready(groups: list[WorkerGroup]) -> None:
 def save_checkpoint(algorithm: Algorithm, run: RunDir, step: int) -> Path:
     """Every learner's state and the algorithm's into a temp dir, renamed to checkpoints/step_<n>."""
     tmp = run.begin_checkpoint(step)
+    uri = algorithm.config.output.storage
     try:
         extra = algorithm.save_state(tmp)
         for slot in algorithm.learners:
-            slot.group.call("save_checkpoint", str(tmp / slot.subdir), with_model_dir=slot.model_dir)
+            # merge: the algorithm's own files (save_state) are already in the checkpoint dir.
+            handoff = storage.Handoff.to(tmp / slot.subdir, run_storage(uri, run), merge=True)
+            far = {"handoff": handoff} if off_driver_node(slot.group) else {}
+            for delivered in slot.group.call("save_checkpoint", str(tmp / slot.subdir), with_model_dir=slot.model_dir,
+                                             **far):
+                storage.receive(handoff, delivered)
         write_trainer_state(tmp, {"step": step, **extra})
-        return run.commit_checkpoint(step, tmp)
+        committed = run.commit_checkpoint(step, tmp)
     finally:
         run.remove_partial_checkpoints()  # a half-written checkpoint (disk full, a dead learner) goes
+    if uri:
+        push_checkpoint(committed, uri, run)
+    return committed
+
+
+# ---- clusters: where the groups landed, checkpoints on output.storage ----------------------------
+
+
+def run_storage(uri: str | None, run: RunDir) -> str | None:
+    """`<output.storage>/<run name>`, or None without storage."""
+    return storage.join(uri, run.name) if uri else None
+
+
+def off_driver_node(group: WorkerGroup) -> bool:
+    """Whether any of the group's actors runs on another node than this driver."""
+    here = storage.current_node_id()
+    return any(node != here for node in getattr(group, "node_ids", ()))  # () for groups without actors
+
+
+def push_checkpoint(checkpoint: Path, uri: str, run: RunDir) -> None:
+    """Copy a committed checkpoint to `<storage>/<run>/checkpoints/<step_n>` (complete or absent there)
+    and keep the same `output.keep_last` there as in the run directory."""
+    root = storage.join(uri, run.name, CHECKPOINTS_DIR)
+    storage.put_dir(checkpoint, storage.join(root, checkpoint.name))
+    kept = {p.name for p in run.list_checkpoints()}
+    for name in storage.list_complete(root):
+        if name.startswith(CHECKPOINT_PREFIX) and name not in kept:
+            storage.delete_dir(storage.join(root, name))
+
+
+def latest_checkpoint(run: RunDir, uri: str | None) -> Path | None:
+    """The checkpoint to resume from: the newest of the run directory's and, with `output.storage`,
+    of `<storage>/<run>/checkpoints/`, fetched into the run directory when only storage has it (the
+    driver's disk was lost, or another node wrote it)."""
+    local = run.latest_checkpoint()
+    if not uri:
+        return local
+    root = storage.join(uri, run.name, CHECKPOINTS_DIR)
+    steps = [(int(n[len(CHECKPOINT_PREFIX):]), n) for n in storage.list_complete(root)
+             if n.startswith(CHECKPOINT_PREFIX) and n[len(CHECKPOINT_PREFIX):].isdigit()]
+    if not steps:
+        return local
+    step, name = max(steps)
+    if local is not None and int(local.name[len(CHECKPOINT_PREFIX):]) >= step:
+        return local
+    print(f"raylign: fetching checkpoint {name} from {root}", flush=True)
+    return storage.get_dir(storage.join(root, name), run.checkpoint_path(step))
+
+
+def node_names() -> dict[str, str]:
+    """Node id -> its `node_*` resource names (`raylign cluster up`), else its IP."""
+    import ray
+
+    names = {}
+    for node in ray.nodes():
+        custom = sorted(k for k in node.get("Resources", {}) if k.startswith("node_"))
+        names[node["NodeID"]] = ",".join(custom) or node.get("NodeManagerAddress", "?")
+    return names
+
+
+def log_placement(algorithm: Algorithm, run: RunDir) -> None:
+    """One line per group saying on which node(s) its actors landed (asked of the actors themselves),
+    and the same as `placement.json` in the run directory."""
+    # Only real worker groups can be asked (the skeleton's unit tests run fake groups without Ray).
+    groups = [g for g in [slot.group for slot in algorithm.learners] + algorithm.groups if hasattr(g, "locate")]
+    if not groups:
+        return
+    names = node_names()
+    record = {}
+    for group in groups:
+        ids = group.locate()
+        record[group.name] = {"placement": group.placement, "node_ids": ids, "nodes": [names.get(i, "?") for i in ids]}
+        where = ", ".join(f"{names.get(i, '?')} [{i[:8]}]" for i in ids)
+        print(f"raylign: placement: {group.name} ({group.placement}) -> {where}", flush=True)
+    (run.path / PLACEMENT_FILE).write_text(json.dumps(record, indent=2))
 
 
 def shutdown_groups(algorithm: Algorithm, graceful: bool = True) -> list[BaseException]:

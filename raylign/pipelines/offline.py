@@ -181,7 +181,8 @@ class OfflineTraining(Algorithm):
         r = self.config.resources
         self.group = WorkerGroup(LearnerWorker, r.learners, r.cpus_per_learner, r.gpus_per_learner, name="learners",
                                  init_kwargs={"config": self.config, "objective": self.objective},
-                                 actor_name_prefix=f"{run.actor_prefix}-learner", call_timeout_s=r.call_timeout_s)
+                                 actor_name_prefix=f"{run.actor_prefix}-learner", call_timeout_s=r.call_timeout_s,
+                                 placement=r.learner_placement)
         self.learners = [LearnerSlot(self.group)]
 
     def prepare(self, run: RunDir) -> None:

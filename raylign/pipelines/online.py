@@ -196,7 +196,8 @@ class OnlineRL(Algorithm):
         self.policy = WorkerGroup(
             LearnerWorker, r.learners, r.cpus_per_learner, r.gpus_per_learner, name="policy", threads=r.threads,
             call_timeout_s=timeout,
-            actor_name_prefix=f"{prefix}-policy", init_kwargs={"config": config, "objective": "policy"})
+            actor_name_prefix=f"{prefix}-policy", init_kwargs={"config": config, "objective": "policy"},
+            placement=r.learner_placement)
         self.learners.append(LearnerSlot(self.policy))
         if self.algorithm == "ppo":
             critic_cfg = config.model_copy(deep=True)
@@ -205,12 +206,12 @@ class OnlineRL(Algorithm):
             self.critic = WorkerGroup(
                 LearnerWorker, r.learners, r.cpus_per_learner, r.gpus_per_learner, name="critic",
                 threads=r.threads, actor_name_prefix=f"{prefix}-critic", call_timeout_s=timeout,
-                init_kwargs={"config": critic_cfg, "objective": "value"})
+                init_kwargs={"config": critic_cfg, "objective": "value"}, placement=r.learner_placement)
             self.learners.append(LearnerSlot(self.critic, CRITIC_DIR, model_dir=False, final=False))
         self.rollout = WorkerGroup(
             RolloutWorker, r.rollout_workers, r.cpus_per_rollout_worker, r.gpus_per_rollout_worker, name="rollout",
             threads=r.threads, max_restarts=ROLLOUT_RESTARTS, actor_name_prefix=f"{prefix}-rollout",
-            call_timeout_s=timeout,
+            call_timeout_s=timeout, placement=r.rollout_placement,
             init_kwargs={"model": config.model, "seed": config.seed,
                          "apply_chat_template": config.data.apply_chat_template,
                          "reference": config.rollout.reference_on_workers})
@@ -223,7 +224,8 @@ class OnlineRL(Algorithm):
             # A restarted actor would come back with the initial discriminator: the run stops instead
             # (and `--resume` continues from the last checkpoint, D included).
             max_restarts=0 if config.algorithm == "adversarial" else ROLLOUT_RESTARTS,
-            actor_name_prefix=f"{prefix}-reward", init_kwargs=reward_kwargs, call_timeout_s=timeout)
+            actor_name_prefix=f"{prefix}-reward", init_kwargs=reward_kwargs, call_timeout_s=timeout,
+            placement=r.reward_placement)
         self.groups.append(self.reward)
 
     @property
@@ -244,7 +246,9 @@ class OnlineRL(Algorithm):
         is sampled under the seed key (seed, purpose, step, i) whichever worker gets it. Returns the
         pending results and each worker's first prompt index, for `collect`."""
         assert self.rollout is not None, "start() first"
-        weights = self.policy_group.workers[0].get_weights.remote()
+        # Under fsdp gathering the weights is a collective: every rank takes part, rank 0's copy is sent.
+        sharded = self.config.resources.learner_strategy == "fsdp"
+        weights = [w.get_weights.remote() for w in self.policy_group.workers[: None if sharded else 1]][0]
         parts = [s["prompts"] for s in shard_batch({"prompts": prompts}, len(self.rollout))]
         offsets = [int(o) for o in np.cumsum([0] + [len(p) for p in parts[:-1]])]
         busy = [(w, part, offset) for w, part, offset in zip(self.rollout.workers, parts, offsets, strict=True) if part]

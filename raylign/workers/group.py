@@ -16,6 +16,10 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from raylign.runtime import ResourceError, RunStopped
 
+# `resources.*_placement` words; anything else names a node resource (node_a from `raylign cluster up`).
+PLACEMENT_STRATEGIES = {"pack": "PACK", "spread": "SPREAD"}
+NODE_RESOURCE_SHARE = 0.001  # what one actor asks of a node resource: any number of actors fit on the node
+
 if TYPE_CHECKING:
     from ray.actor import ActorClass
 
@@ -79,6 +83,35 @@ def _raise_if_failed(ref: ray.ObjectRef, label: str) -> None:
         pass
 
 
+def placement_options(placement: str, bundle: dict[str, float]) -> tuple[str, dict[str, float]]:
+    """(placement-group strategy, bundle) for one of a group's actors under `placement`:
+    `pack` -> PACK (as few nodes as fit), `spread` -> SPREAD (one actor per node where possible), a node
+    resource name -> PACK with a sliver of that resource in every bundle, so each actor lands on a node
+    offering it (`ray start --resources '{"node_b": 1}'`, which `raylign cluster up` gives every node)."""
+    strategy = PLACEMENT_STRATEGIES.get(placement)
+    if strategy is not None:
+        return strategy, dict(bundle)
+    from raylign.config import check_placement
+
+    return "PACK", {**bundle, check_placement(placement): NODE_RESOURCE_SHARE}
+
+
+def check_node_resource(placement: str, group: str, cluster_resources: dict[str, float]) -> None:
+    """A placement naming a node resource that no node offers can never be met: say so at once."""
+    if placement in PLACEMENT_STRATEGIES or placement in cluster_resources:
+        return
+    offered = sorted(k for k in cluster_resources if k.startswith("node_"))
+    raise ResourceError(
+        f"the {group} group is placed on '{placement}', but no node of the cluster offers that resource "
+        f"({'node resources: ' + ', '.join(offered) if offered else 'no node_* resources at all'}); use pack, spread "
+        "or one of those (`raylign cluster up` names its nodes node_a, node_b, ...)")
+
+
+def _node_id(actor: Any) -> str:
+    """Run inside an actor (`__ray_call__`): the id of the node it runs on."""
+    return ray.get_runtime_context().get_node_id()
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:200] if text else ""
@@ -104,16 +137,22 @@ class WorkerGroup:
         threads: int | None = None,
         actor_name_prefix: str | None = None,
         call_timeout_s: float | None = None,
+        placement: str = "pack",
     ):
         """`threads`: torch threads per actor (default: its CPU reservation); passed to the actor as its
         `num_cpus`. `actor_name_prefix`: name the actors `<prefix>-<rank>` (findable with ray.get_actor).
-        `call_timeout_s`: how long `call`/`get` wait for a remote call before the run stops."""
+        `call_timeout_s`: how long `call`/`get` wait for a remote call before the run stops.
+        `placement`: pack | spread | a node resource name (`placement_options`)."""
         self.name = name
         self.call_timeout_s = call_timeout_s
-        bundle = {"CPU": num_cpus} | ({"GPU": num_gpus} if num_gpus else {})
+        self.placement = placement
+        self.node_ids: list[str] = []  # where each actor runs, once `locate` has asked them
+        if placement not in PLACEMENT_STRATEGIES:
+            check_node_resource(placement, name, ray.cluster_resources())
+        strategy, bundle = placement_options(placement, {"CPU": num_cpus} | ({"GPU": num_gpus} if num_gpus else {}))
         # Unique: several runs share one cluster (Ray Tune trials), and placement group names must differ.
         pg_name = f"{name}-{uuid.uuid4().hex[:8]}"
-        self.placement_group = placement_group([bundle] * num_workers, strategy="PACK", name=pg_name)
+        self.placement_group = placement_group([bundle] * num_workers, strategy=strategy, name=pg_name)
         ready, _ = ray.wait([self.placement_group.ready()], timeout=ready_timeout_s)
         if not ready:
             remove_placement_group(self.placement_group)
@@ -146,6 +185,12 @@ class WorkerGroup:
     def ready_async(self) -> list[ray.ObjectRef]:
         """One ref per actor that resolves when its constructor has finished (a model loaded)."""
         return [w.__ray_ready__.remote() for w in self.workers]
+
+    def locate(self) -> list[str]:
+        """Ask every actor for the id of the node it runs on (rank order); kept in `node_ids`."""
+        refs = [w.__ray_call__.remote(_node_id) for w in self.workers]
+        self.node_ids = self.get(refs, "node_id")
+        return self.node_ids
 
     def call_async(self, method: str, *args: Any, **kwargs: Any) -> list[ray.ObjectRef]:
         return [getattr(w, method).remote(*args, **kwargs) for w in self.workers]

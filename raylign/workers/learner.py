@@ -1,4 +1,9 @@
-"""LearnerWorker: one rank of a data-parallel group that holds a model and its optimizer."""
+"""LearnerWorker: one rank of a data-parallel group that holds a model and its optimizer.
+
+Two strategies (`resources.learner_strategy`): `ddp` (every rank holds the whole model and optimizer,
+torch DDP averages gradients) and `fsdp` (PyTorch FSDP2: parameters, gradients and optimizer state
+sharded across the ranks, see `raylign.workers.fsdp`). Both give the update of one big batch.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LRScheduler
 
 from raylign.algorithms.logprobs import response_start, rl_logits, sequence_logps, token_logps
-from raylign.config import RunConfig, as_section
+from raylign.config import ConfigError, RunConfig, as_section
 from raylign.rundir import LEARNER_INFO, MODEL_DIR, OPTIMIZER_STATE, RNG_STATE, TRAINABLE_WEIGHTS
 from raylign.runtime import (
     NonFiniteError,
@@ -27,6 +32,8 @@ from raylign.runtime import (
     quiet_libraries,
     seed_everything,
 )
+from raylign.storage import ActorInput, ActorOutput, Delivered, Handoff, Source
+from raylign.workers import fsdp
 from raylign.workers.objectives import (
     MODEL_KIND,
     NEEDS_REFERENCE,
@@ -60,6 +67,8 @@ def micro_batches(batch: dict[str, np.ndarray], size: int, sort: bool = True) ->
     """
     attn = batch["attention_mask"]
     n = len(attn)
+    if n == 0:  # an evaluation chunk smaller than the group leaves some rank an empty shard
+        return []
     lengths = attn.reshape(n, -1, attn.shape[-1]).sum(-1).max(-1)
     order = np.argsort(-lengths, kind="stable") if sort else np.arange(n)
     out = []
@@ -76,8 +85,18 @@ def micro_batches(batch: dict[str, np.ndarray], size: int, sort: bool = True) ->
     return out
 
 
+def stand_in_batch(shard: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """A one-row micro-batch shaped like `shard`'s rows (all zeros but one scored token), for a rank
+    whose shard is empty to run the passes FSDP needs it to take part in; its result is dropped."""
+    mb = {k: np.zeros((1, *v.shape[1:]), dtype=v.dtype) for k, v in shard.items()}
+    for key in ("attention_mask", "loss_mask"):
+        if key in mb:
+            mb[key][..., :] = 1
+    return {k: torch.tensor(v) for k, v in mb.items()}
+
+
 class LearnerWorker:
-    """Holds the trainable model; trains with torch DDP across the group (gloo on CPU, nccl on GPU)."""
+    """Holds the trainable model; trains with torch DDP or FSDP2 across the group (gloo on CPU, nccl on GPU)."""
 
     def __init__(self, rank: int, world_size: int, num_cpus: float, config: RunConfig | dict[str, Any],
                  objective: str):
@@ -87,6 +106,7 @@ class LearnerWorker:
 
         self.rank, self.world_size = rank, world_size
         self.config = as_section(RunConfig, config)
+        self.sharded = self.config.resources.learner_strategy == "fsdp"
         self.objective = make_objective(objective, self.config)
         seed_everything(derive_seed(self.config.seed, Purpose.INIT))
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -99,6 +119,9 @@ class LearnerWorker:
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: LRScheduler | None = None
         self.reference: torch.nn.Module | None = None
+        # fsdp: rank 0's memory-free unsharded copy, filled with the gathered weights to save HF dirs.
+        self.template: torch.nn.Module | None = None
+        self.memory: dict[str, int] = {}  # sharded_bytes after the last optimizer step
         self.needs_reference = objective in NEEDS_REFERENCE
         if self.needs_reference:
             self._load_reference()
@@ -132,10 +155,12 @@ class LearnerWorker:
         self.model.eval()
         out = []
         # Unsorted: the results must come back in the shard's row order.
-        for mb in micro_batches(shard, self.config.train.micro_batch_size, sort=False):
+        for mb, real in self._lockstep(micro_batches(shard, self.config.train.micro_batch_size, sort=False), shard):
             mb = {k: v.to(self.device) for k, v in mb.items()}
             ids, mask = (mb[k].reshape(-1, mb[k].shape[-1]) for k in ("input_ids", "loss_mask"))
-            out.append(self._reference_fn(ids, mask).view(-1, 2).cpu().numpy())
+            logps = self._reference_fn(ids, mask).view(-1, 2).cpu().numpy()
+            if real:
+                out.append(logps)
         return np.concatenate(out) if out else np.zeros((0, 2), dtype=np.float32)
 
     # ---- online RL: per-token log-probs, values, weights for the rollout workers ------------------
@@ -145,9 +170,11 @@ class LearnerWorker:
         shard's row order."""
         out = np.zeros(shard["input_ids"].shape, dtype=np.float32)
         row = 0
-        for mb in micro_batches(shard, self.config.train.micro_batch_size, sort=False):
+        for mb, real in self._lockstep(micro_batches(shard, self.config.train.micro_batch_size, sort=False), shard):
             ids, start = mb["input_ids"].to(self.device), response_start(mb["loss_mask"])
             values = fn(ids, start)
+            if not real:
+                continue
             out[row : row + len(ids), start : ids.shape[1]] = values.float().cpu().numpy()
             row += len(ids)
         return out
@@ -176,7 +203,10 @@ class LearnerWorker:
         return self._per_token(shard, lambda ids, start: self.model(input_ids=ids).values[:, start - 1 : -1])
 
     def get_weights(self) -> dict[str, np.ndarray]:
-        """The trainable weights as numpy (only the LoRA adapter under LoRA), for one `ray.put` a step."""
+        """The trainable weights as numpy (only the LoRA adapter under LoRA), for one `ray.put` a step.
+
+        Under fsdp a collective: every rank must call it; rank 0 gets the gathered weights, the
+        others {}."""
         return {k: v.float().numpy() for k, v in self.trainable_state().items()}
 
     def drop_reference(self) -> None:
@@ -191,22 +221,47 @@ class LearnerWorker:
         return ray.util.get_node_ip_address(), _free_port()
 
     def setup_distributed(self, master_addr: str, master_port: int) -> None:
+        """ddp: a process group and the DDP wrapper (none for one learner). fsdp: a process group even
+        for one learner (its checkpoints must load on any count, and vice versa), then the model, and
+        the reference if there is one, sharded block by block."""
+        if self.sharded:
+            fsdp.init_process_group(self.rank, self.world_size, master_addr, master_port, self.device)
+            if self.rank == 0:
+                self.template = fsdp.meta_copy(self.model)
+            mesh = fsdp.device_mesh(self.device)
+            # Every rank loaded the same weights (one seed, one path), so every shard is cut from one model.
+            self.model = fsdp.shard_model(self.model, mesh, fsdp.mixed_precision(self.model, self.device))
+            if self.reference is not None:
+                fsdp.shard_model(self.reference, mesh, fsdp.mixed_precision(self.reference, self.device), frozen=True)
+            self.ddp_model = self.model
+            return
         if self.world_size == 1:
             return
-        backend = "nccl" if self.device.type == "cuda" else "gloo"
-        dist.init_process_group(
-            backend, init_method=f"tcp://{master_addr}:{master_port}", rank=self.rank, world_size=self.world_size
-        )
+        fsdp.init_process_group(self.rank, self.world_size, master_addr, master_port, self.device)
         # DDP broadcasts rank 0's parameters, so every rank starts from the same weights.
         self.ddp_model = torch.nn.parallel.DistributedDataParallel(self.model)
+
+    def _lockstep(self, mbs: list[dict[str, torch.Tensor]],
+                  shard: dict[str, np.ndarray]) -> list[tuple[dict[str, torch.Tensor], bool]]:
+        """`mbs` marked real, then (fsdp with several ranks) stand-ins up to the group's largest count:
+        every FSDP forward/backward is a collective, so all ranks run as many as the busiest one."""
+        marked = [(mb, True) for mb in mbs]
+        if not self.sharded or self.world_size == 1:
+            return marked
+        extra = fsdp.lockstep_count(len(mbs), self.device) - len(mbs)
+        stand_in = mbs[-1] if mbs else stand_in_batch(shard)
+        return marked + [(stand_in, False)] * extra
 
     def setup_optimizer(self, total_steps: int) -> None:
         from transformers import get_scheduler
 
         t = self.config.train
         params = [p for p in self.model.parameters() if p.requires_grad]
-        # fused: one kernel for the whole update (TRL's default too); falls back where unsupported.
+        # fused: one kernel for the whole update (TRL's default too); falls back where unsupported
+        # (and under fsdp on CPU, where the fused kernel takes no DTensor shards).
         try:
+            if self.sharded and self.device.type == "cpu":
+                raise TypeError("no fused AdamW for DTensors on CPU")
             self.optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=True)
         except (RuntimeError, TypeError):
             self.optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
@@ -220,24 +275,27 @@ class LearnerWorker:
                    hparams: dict[str, float] | None = None) -> dict[str, float]:
         """One optimizer step over this rank's shard, split into micro-batches.
 
-        Loss = Σ unit losses / global_units; DDP averages gradients over ranks, so each rank scales by
-        world_size to turn that average back into the global sum.
+        Loss = Σ unit losses / global_units; DDP (and FSDP's reduce-scatter) average gradients over
+        ranks, so each rank scales by world_size to turn that average back into the global sum. Under
+        fsdp a rank with fewer micro-batches also runs stand-in passes whose loss counts zero times.
         """
         assert self.optimizer is not None and self.scheduler is not None, "setup_optimizer first"
         self.ddp_model.train()
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
-        mbs = micro_batches(shard, self.config.train.micro_batch_size)
+        mbs = self._lockstep(micro_batches(shard, self.config.train.micro_batch_size), shard)
         scale = self.world_size / max(global_units, 1.0)
-        for i, mb in enumerate(mbs):
+        ddp = self.world_size > 1 and not self.sharded  # then setup_distributed wrapped the model in DDP
+        for i, (mb, real) in enumerate(mbs):
             mb = {k: v.to(self.device) for k, v in mb.items()}
             last = i == len(mbs) - 1
-            # With several ranks, setup_distributed wrapped the model in DDP.
-            sync = (cast(DistributedDataParallel, self.ddp_model).no_sync() if (self.world_size > 1 and not last)
-                    else nullcontext())
+            fsdp.set_gradient_sync(self.model, last)
+            sync = cast(DistributedDataParallel, self.ddp_model).no_sync() if (ddp and not last) else nullcontext()
             with sync:
                 loss_sum, mb_sums = self.objective(self.ddp_model, mb, self._ref_fn(), **(hparams or {}))
-                (loss_sum * scale).backward()
+                (loss_sum * (scale if real else 0.0)).backward()
+            if not real:
+                continue
             for k, v in mb_sums.items():
                 sums[k] = sums.get(k, 0.0) + v
         return self.optimizer_step([p for p in self.model.parameters() if p.requires_grad], sums)
@@ -252,14 +310,16 @@ class LearnerWorker:
         schedule stays tied to the step count."""
         assert self.optimizer is not None and self.scheduler is not None, "setup_optimizer first"
         max_norm = self.config.train.max_grad_norm
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm) if max_norm
-                          else torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+        # Under fsdp the gradients are DTensor shards: the norm is the global one, a DTensor itself.
+        grad_norm = fsdp.as_float(torch.nn.utils.clip_grad_norm_(params, max_norm) if max_norm
+                                  else torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
         bad = first_nonfinite({**sums, "grad_norm": grad_norm})
         if bad is not None and self.config.train.on_nonfinite == "stop":
             value = grad_norm if bad == "grad_norm" else sums[bad]
             raise NonFiniteError(f"{bad} is {value} on learner {self.rank}")
         if bad is None:
             self.optimizer.step()
+        self.memory = fsdp.sharded_bytes(self.model, self.optimizer)  # gradients still held, for memory_bytes
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         sums["grad_norm"] = grad_norm
@@ -267,19 +327,29 @@ class LearnerWorker:
         sums["skipped_step"] = float(bad is not None)
         return sums
 
+    def memory_bytes(self) -> dict[str, int]:
+        """`fsdp.sharded_bytes` of this rank (parameters, gradients, optimizer state) as the last
+        optimizer step left them, gradients included; {} before the first step."""
+        return dict(self.memory)
+
     def check_weights_finite(self) -> None:
-        """Refuse to write non-finite weights anywhere (checkpoints, final/)."""
-        bad = [n for n, p in self.model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
-        if bad:
-            raise NonFiniteError(f"{len(bad)} trainable tensor(s) hold NaN/inf (e.g. {bad[0]}); nothing was saved")
+        """Refuse to write non-finite weights anywhere (checkpoints, final/). Under fsdp each rank checks
+        its shards and all agree, so that no rank goes on into a collective the others left."""
+        bad = [n for n, p in self.model.named_parameters()
+               if p.requires_grad and not torch.isfinite(fsdp.local_tensor(p)).all()]
+        if (fsdp.any_rank(bool(bad), self.device) if self.sharded and self.world_size > 1 else bool(bad)):
+            where = f"e.g. {bad[0]}" if bad else "on another learner"
+            raise NonFiniteError(f"trainable tensor(s) hold NaN/inf ({where}); nothing was saved")
 
     @torch.no_grad()
     def eval_step(self, shard: dict[str, np.ndarray]) -> dict[str, float]:
         self.model.eval()
         sums: dict[str, float] = {}
-        for mb in micro_batches(shard, self.config.train.micro_batch_size):
+        for mb, real in self._lockstep(micro_batches(shard, self.config.train.micro_batch_size), shard):
             mb = {k: v.to(self.device) for k, v in mb.items()}
             _, mb_sums = self.objective(self.model, mb, self._ref_fn())
+            if not real:
+                continue
             for k, v in mb_sums.items():
                 sums[k] = sums.get(k, 0.0) + v
         return sums
@@ -289,48 +359,123 @@ class LearnerWorker:
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The trainable tensors, whole, on CPU. Under fsdp gathered onto rank 0 (a collective; the
+        other ranks get {})."""
+        if self.sharded:
+            return fsdp.full_state_dict(self.model, trainable_only=True)
         return {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
 
-    def save_checkpoint(self, path: str, with_model_dir: bool = True) -> None:
-        """Rank 0 writes: HF model dir, trainable weights, optimizer/scheduler state, RNG state."""
+    def _gathered_model(self) -> torch.nn.Module | None:
+        """fsdp: the whole model gathered into rank 0's unsharded copy (a collective; None elsewhere)."""
+        state = fsdp.full_state_dict(self.model)
         if self.rank != 0:
-            return
+            return None
+        assert self.template is not None, "setup_distributed first"
+        return fsdp.materialize(self.template, state, self.model)
+
+    def _release_gathered(self) -> None:
+        if self.template is not None:
+            self.template.to("meta")  # back to holding no memory
+
+    def save_checkpoint(self, path: str, with_model_dir: bool = True, handoff: Handoff | None = None) -> Delivered | None:
+        """Rank 0 writes: HF model dir, trainable weights, optimizer/scheduler state, RNG state; into
+        `path` on the driver's node, or a node-local dir that `handoff` carries there (raylign.storage).
+        Under fsdp every rank writes its shards (`_save_sharded_checkpoint`)."""
+        if self.sharded:
+            return self._save_sharded_checkpoint(path, with_model_dir, handoff)
+        if self.rank != 0:
+            return None
         from raylign.models import save_model
 
         self.check_weights_finite()
-        out = Path(path)
-        out.mkdir(parents=True, exist_ok=True)
-        if with_model_dir:
-            save_model(self.model, self.tokenizer, out / MODEL_DIR, merge_lora=True)
-        save_file(self.trainable_state(), str(out / TRAINABLE_WEIGHTS))
+        writer = ActorOutput(handoff or Handoff(path))
+        with writer as out:
+            out.mkdir(parents=True, exist_ok=True)
+            if with_model_dir:
+                save_model(self.model, self.tokenizer, out / MODEL_DIR, merge_lora=True)
+            save_file(self.trainable_state(), str(out / TRAINABLE_WEIGHTS))
+            assert self.optimizer is not None and self.scheduler is not None, "setup_optimizer first"
+            torch.save(
+                {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                out / OPTIMIZER_STATE,
+            )
+            torch.save({"torch": torch.get_rng_state()}, out / RNG_STATE)
+            (out / LEARNER_INFO).write_text(json.dumps({"world_size": self.world_size, "strategy": "ddp"}))
+        return writer.delivered
+
+    def _save_sharded_checkpoint(self, path: str, with_model_dir: bool, handoff: Handoff | None) -> Delivered | None:
+        """fsdp, on every rank: DCP shards of the trainable weights and the optimizer state in
+        `sharded/` (rank r writes its own files, rank 0 also the index), and from rank 0 the gathered HF
+        model dir, the scheduler and RNG state. Off the driver's node each rank delivers its own files
+        (distinct names), which together make the directory."""
         assert self.optimizer is not None and self.scheduler is not None, "setup_optimizer first"
-        torch.save(
-            {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
-            out / OPTIMIZER_STATE,
-        )
-        torch.save({"torch": torch.get_rng_state()}, out / RNG_STATE)
-        (out / LEARNER_INFO).write_text(json.dumps({"world_size": self.world_size}))
+        self.check_weights_finite()
+        model = self._gathered_model() if with_model_dir else None
+        try:
+            writer = ActorOutput(handoff or Handoff(path))
+            with writer as out:
+                out.mkdir(parents=True, exist_ok=True)
+                fsdp.save_sharded(out / fsdp.SHARDED_STATE, self.model, self.optimizer)
+                if self.rank == 0:
+                    from raylign.models import save_model
 
-    def load_checkpoint(self, path: str) -> None:
-        src = Path(path)
-        state = load_file(str(src / TRAINABLE_WEIGHTS))
-        missing = set(self.trainable_state()) - set(state)
-        if missing:
-            raise ValueError(f"checkpoint {src} lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[:3]}")
-        self.model.load_state_dict(state, strict=False)
-        opt = torch.load(src / OPTIMIZER_STATE, weights_only=True)
-        assert self.optimizer is not None and self.scheduler is not None, "setup_optimizer first"
-        self.optimizer.load_state_dict(opt["optimizer"])
-        self.scheduler.load_state_dict(opt["scheduler"])
-        torch.set_rng_state(torch.load(src / RNG_STATE, weights_only=True)["torch"])
+                    if model is not None:
+                        save_model(model, self.tokenizer, out / MODEL_DIR, merge_lora=True)
+                    torch.save({"scheduler": self.scheduler.state_dict()}, out / OPTIMIZER_STATE)
+                    torch.save({"torch": torch.get_rng_state()}, out / RNG_STATE)
+                    (out / LEARNER_INFO).write_text(json.dumps({"world_size": self.world_size, "strategy": "fsdp"}))
+        finally:
+            self._release_gathered()
+        return writer.delivered
 
-    def save_final(self, path: str) -> None:
-        if self.rank == 0:
-            from raylign.models import save_model
+    def _check_strategy(self, src: Path) -> None:
+        info = json.loads((src / LEARNER_INFO).read_text()) if (src / LEARNER_INFO).is_file() else {}
+        saved = info.get("strategy", "ddp")  # checkpoints from before fsdp existed are ddp's
+        if saved != self.config.resources.learner_strategy:
+            raise ConfigError(
+                f"the checkpoint {src} was written with resources.learner_strategy={saved}; resume with "
+                f"resources.learner_strategy={saved} (any resources.learners), or start a new run")
 
-            self.check_weights_finite()
-            save_model(self.model, self.tokenizer, Path(path), merge_lora=self.config.model.lora is None
-                       or self.config.model.lora.merge_on_save)
+    def load_checkpoint(self, path: str, source: Source | None = None) -> None:
+        """From `path` on the driver's node, or the node-local copy `source` gives (raylign.storage).
+        Under fsdp (a collective) a checkpoint written by any number of learners."""
+        with ActorInput(source or Source(path)) as src:
+            self._check_strategy(src)
+            assert self.optimizer is not None and self.scheduler is not None, "setup_optimizer first"
+            if self.sharded:
+                fsdp.load_sharded(src / fsdp.SHARDED_STATE, self.model, self.optimizer)
+                self.scheduler.load_state_dict(torch.load(src / OPTIMIZER_STATE, weights_only=True)["scheduler"])
+                torch.set_rng_state(torch.load(src / RNG_STATE, weights_only=True)["torch"])
+                return
+            state = load_file(str(src / TRAINABLE_WEIGHTS))
+            missing = set(self.trainable_state()) - set(state)
+            if missing:
+                raise ValueError(f"checkpoint {path} lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[:3]}")
+            self.model.load_state_dict(state, strict=False)
+            opt = torch.load(src / OPTIMIZER_STATE, weights_only=True)
+            assert self.optimizer is not None and self.scheduler is not None, "setup_optimizer first"
+            self.optimizer.load_state_dict(opt["optimizer"])
+            self.scheduler.load_state_dict(opt["scheduler"])
+            torch.set_rng_state(torch.load(src / RNG_STATE, weights_only=True)["torch"])
+
+    def save_final(self, path: str, handoff: Handoff | None = None) -> Delivered | None:
+        """Rank 0 writes `final/` (a plain HF model dir) at `path`, or for `handoff` to carry there.
+        Under fsdp every rank takes part in gathering the weights into rank 0's unsharded copy."""
+        from raylign.models import save_model
+
+        self.check_weights_finite()
+        model = self._gathered_model() if self.sharded else self.model
+        if self.rank != 0:
+            return None
+        assert model is not None
+        try:
+            writer = ActorOutput(handoff or Handoff(path))
+            with writer as out:
+                save_model(model, self.tokenizer, out, merge_lora=self.config.model.lora is None
+                           or self.config.model.lora.merge_on_save)
+        finally:
+            self._release_gathered()
+        return writer.delivered
 
     def shutdown(self) -> None:
         if dist.is_initialized():

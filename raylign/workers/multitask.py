@@ -27,11 +27,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from raylign.algorithms.task_weighting import TaskWeighting, cosine_matrix
-from raylign.config import RunConfig, as_section
+from raylign.config import ConfigError, RunConfig, as_section
 from raylign.data.batches import rating_sums
 from raylign.models.heads import last_token_index
 from raylign.models.hf import as_hf
 from raylign.runtime import Purpose, derive_seed
+from raylign.storage import Handoff, Source
 from raylign.workers.learner import LearnerWorker, micro_batches
 from raylign.workers.objectives import make_objective, sft_objective
 
@@ -53,10 +54,23 @@ def _grad(p: torch.Tensor) -> torch.Tensor:
     return p.grad
 
 
+def _on_driver_node(transfer: Handoff | Source | None) -> None:
+    """The driver passes a Handoff/Source only to learners on another node than its own: the rating
+    heads and task weights are written beside the model by path, which needs the driver's disk."""
+    if transfer is not None:
+        raise ConfigError("multitask learners write their checkpoints on the driver's node only: set "
+                          "resources.learner_placement to the driver's node resource (e.g. node_a, the head)")
+
+
 class MultiTaskLearner(LearnerWorker):
     def __init__(self, rank: int, world_size: int, num_cpus: float, config: RunConfig | dict[str, Any],
                  objective: str = "multitask"):
         cfg = as_section(RunConfig, config)
+        if cfg.resources.learner_strategy == "fsdp":
+            # Task weighting reads and rewrites whole per-task gradients of the shared parameters
+            # (GradNorm, PCGrad), which FSDP holds only as shards.
+            raise ConfigError("multitask trains with resources.learner_strategy=ddp only; set "
+                              "resources.learner_strategy=ddp (or train the tasks one by one with fsdp)")
         tasks = cfg.multitask.tasks
         needs_ref = any(t.type == "preference" and t.loss in REFERENCE_LOSSES for t in tasks.values())
         # The base class loads the causal LM (and a frozen reference when a DPO-like task needs one).
@@ -235,7 +249,8 @@ class MultiTaskLearner(LearnerWorker):
         return out
 
     # ---- checkpoints ---------------------------------------------------------------------------
-    def save_checkpoint(self, path: str, with_model_dir: bool = True) -> None:
+    def save_checkpoint(self, path: str, with_model_dir: bool = True, handoff: Handoff | None = None) -> None:
+        _on_driver_node(handoff)
         super().save_checkpoint(path, with_model_dir)
         if self.rank == 0:
             out = Path(path)
@@ -244,7 +259,8 @@ class MultiTaskLearner(LearnerWorker):
             if state:
                 save_file(state, str(out / "task_weighting.safetensors"))
 
-    def load_checkpoint(self, path: str) -> None:
+    def load_checkpoint(self, path: str, source: Source | None = None) -> None:
+        _on_driver_node(source)
         src = Path(path)
         heads = src / RATING_HEADS_DIR / "heads.safetensors"
         if heads.exists():
@@ -267,7 +283,8 @@ class MultiTaskLearner(LearnerWorker):
                          "std": self.rating_stats.get(name, (0.0, 1.0))[1]} for name in self.heads}
         (out / "heads.json").write_text(json.dumps(record, indent=2) + "\n")
 
-    def save_final(self, path: str) -> None:
+    def save_final(self, path: str, handoff: Handoff | None = None) -> None:
+        _on_driver_node(handoff)
         super().save_final(path)
         if self.rank == 0:
             self._save_heads(Path(path) / RATING_HEADS_DIR)
