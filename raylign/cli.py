@@ -124,6 +124,18 @@ def cmd_data_annotate(args: argparse.Namespace) -> None:
     run_annotate(annotate_settings(args), console=console)
 
 
+def cmd_data_scrub(args: argparse.Namespace) -> None:
+    from raylign.data.scrub import run_scrub_command
+
+    run_scrub_command(args, echo=lambda line: console.print(line, markup=False, highlight=False))
+
+
+def cmd_data_augment(args: argparse.Namespace) -> None:
+    from raylign.data.augment import run_augment_command
+
+    run_augment_command(args, echo=lambda line: console.print(line, markup=False, highlight=False))
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     import json
 
@@ -220,6 +232,7 @@ def eval_settings(args: argparse.Namespace) -> EvalSettings:
         "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "actors": args.actors,
         "cpus_per_actor": args.cpus_per_actor, "batch_size": args.batch_size,
         "bias_generate": args.bias_generate, "seed": args.seed, "progress": not args.no_progress,
+        "explain": args.explain,
     })
 
 
@@ -276,12 +289,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="model whose tokenizer measures lengths in tokens")
     p.set_defaults(func=cmd_data)
     _add_annotate_parser(data_sub)
+    _add_scrub_augment_parsers(data_sub)
     _add_eval_parsers(sub)
+    from raylign.evaluation.explain import add_explain_parser
+
+    add_explain_parser(sub)
     _add_serve_parser(sub)
     from raylign.annotation.cli import add_annotate_parser
 
     add_annotate_parser(sub)
     _add_tune_parsers(sub)
+    from raylign.localcluster import add_cluster_parser
+
+    add_cluster_parser(sub)
     return parser
 
 
@@ -351,6 +371,8 @@ def _add_eval_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs per generator actor (default 1)")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch (default 16)")
     p.add_argument("--bias-generate", action="store_true", help="also compare the judge's score of generations per group")
+    p.add_argument("--explain", type=int, metavar="N", help="with --pairs: token attributions (Integrated Gradients) "
+                   "of the N pairs with the largest |margin| into OUT/explain/ (reward model, discriminator or dpo scorer)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)
@@ -358,6 +380,42 @@ def _add_eval_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="plots and a markdown summary of a training run: RUN_DIR/report/")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory with metrics.jsonl (runs/<name>)")
     p.set_defaults(func=cmd_report)
+
+
+def _add_scrub_augment_parsers(data_sub: argparse._SubParsersAction) -> None:
+    kinds = ["prompts", "pairs", "unpaired", "ratings", "text"]
+    p = data_sub.add_parser(
+        "scrub", help="replace personal data in every text field by keyed pseudonyms, with a report",
+        description="Scrub IN into OUT (JSONL, atomic): each e-mail, phone, credit card (Luhn), IBAN, IP, URL, US SSN "
+        "and date Presidio finds, and with --spacy each person, location and organisation, becomes <ENTITY_xxxxxxxx>, "
+        "an HMAC of the value under your secret key (--key-file or $RAYLIGN_SCRUB_KEY, never written out), the same in "
+        "every field and row. The JSON report has counts per entity, field and split, rows touched, the recognizers, "
+        "a second pass on OUT and, for pairs, the chosen-vs-rejected asymmetry. Needs raylign[privacy]; downloads nothing.",
+    )
+    p.add_argument("file", metavar="IN", help="data file (JSONL, JSON, CSV, Parquet, a datasets dir)")
+    p.add_argument("--kind", required=True, choices=kinds)
+    p.add_argument("--out", required=True, help="scrubbed copy (.jsonl)")
+    p.add_argument("--report", help="report JSON (default: OUT's name with .report.json)")
+    p.add_argument("--key-file", help="file holding the secret pseudonym key (default: $RAYLIGN_SCRUB_KEY)")
+    p.add_argument("--spacy", metavar="PATH_OR_PACKAGE", help="spaCy pipeline (directory or installed package) "
+                   "for PERSON, LOCATION, ORGANIZATION; without it names are NOT removed")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_data_scrub)
+
+    p = data_sub.add_parser(
+        "augment", help="add counterfactual copies (group terms swapped) of every row that mentions one",
+        description="Write IN's rows to OUT (JSONL, atomic), each row mentioning a group term of a bias axis followed "
+        "by its counterfactual copies (the term exchanged for each other group's in every text field, the label kept). "
+        "Axes: those of `raylign eval --bias` (builtin), or a JSONL file of {axis, groups} lines extending them.",
+    )
+    p.add_argument("file", metavar="IN", help="data file (pairs, unpaired, ratings, prompts or text)")
+    p.add_argument("--counterfactual", required=True, metavar="builtin|F", help="'builtin' or a bias-set JSONL file")
+    p.add_argument("--out", required=True, help="augmented file (.jsonl)")
+    p.add_argument("--kind", choices=kinds, help="data kind (default: from the columns)")
+    p.add_argument("--axes", help="comma-separated axes to use (default: all)")
+    p.add_argument("--max-per-axis", type=int, help="at most N copies per row and axis (default: every other group)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_data_augment)
 
 
 def _add_annotate_parser(data_sub: argparse._SubParsersAction) -> None:

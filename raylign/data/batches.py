@@ -40,6 +40,12 @@ class PairBatch(TypedDict):
     loss_mask: np.ndarray  # [B, 2, T]
     margin: NotRequired[np.ndarray]  # [B] float: the data's preference margin (reward models)
     ref_logps: NotRequired[np.ndarray]  # [B, 2] precomputed Σ_t log π_ref of each sequence
+    # train.counterfactual_penalty: K counterfactual copies of each pair (a group term swapped in
+    # prompt, chosen and rejected), padded to the batch's most copies; cf_valid marks the real ones.
+    cf_input_ids: NotRequired[np.ndarray]  # [B, K, 2, T']
+    cf_attention_mask: NotRequired[np.ndarray]  # [B, K, 2, T']
+    cf_loss_mask: NotRequired[np.ndarray]  # [B, K, 2, T']
+    cf_valid: NotRequired[np.ndarray]  # [B, K] float 1.0 = copy k exists
 
 
 class UnpairedBatch(TypedDict):
@@ -164,6 +170,9 @@ def summarize_sums(objective: str, sums: Mapping[str, float], prefix: str) -> di
            f"{prefix}/rejected_reward": sums["rejected_sum"] / n}
     if "log_odds_sum" in sums:
         out[f"{prefix}/log_odds_ratio"] = sums["log_odds_sum"] / n
+    if "cf_penalty_sum" in sums:  # train.counterfactual_penalty: mean squared gap over pairs with copies
+        out[f"{prefix}/counterfactual_gap"] = sums["cf_penalty_sum"] / max(sums["cf_examples"], 1.0)
+        out[f"{prefix}/counterfactual_pairs"] = sums["cf_examples"]
     return out
 
 

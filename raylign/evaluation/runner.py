@@ -6,6 +6,8 @@
 Sections (each runs when its input is given; one function each, in this order):
   pairs    human consistency score: pairwise agreement of the scorer with the human choice (ties half,
            bootstrap 95% CI, per `category` column when present)
+  explain  (with --explain N) Integrated Gradients token attributions of the N pairs with the largest
+           |margin| into OUT/explain/ (attributions.html, report.md), with the deletion test
   human    agreement of the scorer with the human majority of an annotations database (`raylign
            annotate`): its majority pairs as the pairs export makes them (ties, splits and gold items
            left out), bootstrap 95% CI over items, per item kind; and the humans' win rate between the
@@ -164,6 +166,10 @@ def plan_eval(settings: EvalSettings) -> EvalPlan:
         resolve_model_path(reference)
     if s.references:
         resolve_model_path(s.embedder)
+    if s.explain:
+        from raylign.evaluation.explain import require_captum
+
+        require_captum()
     return plan
 
 
@@ -188,6 +194,9 @@ def run_eval(settings: EvalSettings, console: Console | None = None) -> dict[str
     inputs = plan.inputs
     if "pairs" in inputs:
         result["pairs"] = pairs_section(s, scorer, inputs["pairs"], console)
+        if s.explain:
+            result["explain"] = explain_section(s, scorer, inputs["pairs"], result["pairs"].pop("_margins"),
+                                                out_dir, console)
     if "human" in inputs:
         result["human"] = human_section(s, scorer, inputs["human"], console)
     if "ratings" in inputs:
@@ -224,7 +233,23 @@ def pairs_section(settings: EvalSettings, scorer: Any, rows: list[dict[str, Any]
     p = {"file": s.pairs, **metrics.pairwise_agreement(chosen, rejected, cats, n_boot=s.n_boot, seed=s.seed)}
     console.print(f"human consistency (pairs): agreement {p['agreement']:.3f} "
                   f"[95% CI {p['ci_low']:.3f}, {p['ci_high']:.3f}] on {p['n']} pairs ({p['ties']} ties)")
+    if s.explain:
+        p["_margins"] = (chosen - rejected).tolist()  # for explain_section, which pops it
     return p
+
+
+def explain_section(settings: EvalSettings, scorer: Any, rows: list[dict[str, Any]], margins: list[float],
+                    out_dir: Path, console: Console) -> dict[str, Any]:
+    """`--explain N`: Integrated Gradients token attributions of the N pairs with the largest |margin|
+    (the scorer's most confident decisions, right or wrong) into OUT/explain/ (attributions.html,
+    report.md, explain.json), with the deletion test against random (raylign.evaluation.explain)."""
+    from raylign.evaluation.explain import explain_eval_pairs, print_summary
+
+    s = settings
+    e = explain_eval_pairs(scorer, rows, margins, int(s.explain or 0), out_dir / "explain", s.model, seed=s.seed,
+                           n_boot=s.n_boot, progress=s.progress)
+    print_summary(e, console)
+    return e
 
 
 def human_section(settings: EvalSettings, scorer: Any, human: dict[str, Any], console: Console) -> dict[str, Any]:
@@ -431,6 +456,14 @@ def write_eval_report(result: dict[str, Any], out_dir: Path) -> Path:
         bar_plot(out_dir / "agreement.png", "Pairwise agreement with human labels", labels, values, cis,
                  "agreement", hline=0.5)
         lines += ["", "![agreement](agreement.png)", ""]
+    if "explain" in result:
+        e = result["explain"]
+        d = e.get("deletion")
+        lines += ["## Explanations", "",
+                  f"Token attributions (Integrated Gradients) of the {len(e['pairs'])} pairs with the largest |margin|: "
+                  "[explain/attributions.html](explain/attributions.html), [explain/report.md](explain/report.md)."
+                  + (f" Deletion test: AOPC top-k minus random {d['difference']:+.4f} "
+                     f"{_ci(d['ci_low'], d['ci_high'])}." if d else ""), ""]
     if "human" in result:
         h = result["human"]
         excluded = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in sorted(h["excluded"].items())) or "none"

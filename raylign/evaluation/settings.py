@@ -52,6 +52,8 @@ class EvalSettings(BaseModel):
     cpus_per_actor: float = Field(1.0, gt=0, description="CPUs per generator actor")
     batch_size: int = Field(16, ge=1, description="prompts per generation batch")
     bias_generate: bool = Field(False, description="also compare the judge's score of generations per group")
+    explain: int | None = Field(None, ge=1, description="with `pairs`: token attributions of the N pairs with the "
+                                "largest |margin| into OUT/explain/ (raylign.evaluation.explain)")
     # statistics and output
     seed: int = Field(0, description="seed of sampling and of the bootstrap")
     n_boot: int = Field(1000, ge=1, description="bootstrap resamples of every 95% interval")
@@ -69,6 +71,11 @@ class EvalSettings(BaseModel):
                                   "reward model dir)")
         elif self.proxy or self.gold:
             raise ConfigError("--proxy and --gold go with --checkpoints (curves across a run's checkpoints)")
+        if self.explain and not self.pairs:
+            raise ConfigError("--explain N explains pairs: give --pairs F")
+        if self.explain and (self.scorer.startswith(("loglik", "lexicon:")) or self.scorer == "length"):
+            raise ConfigError(f"--explain needs a differentiable model score, not '{self.scorer}': --scorer dpo, "
+                              "or a reward model, rating head or discriminator directory")
         return self
 
     @property

@@ -67,18 +67,29 @@ def encode_pair_rows(rows: list[dict[str, Any]], kind: str, tokenizer, config: R
     from raylign.data import tokenize_example
 
     d = config.data
+
+    def encode(row: dict[str, Any], first: str, second: str) -> list[dict]:
+        return [tokenize_example(tokenizer, row["prompt"], c, d.max_prompt_length, d.max_length,
+                                 d.apply_chat_template) for c in (first, second)]
+
+    bias_sets = None
+    if kind == "pairs" and config.train.counterfactual_penalty > 0:  # copies the penalty pairs each row with
+        from raylign.data.counterfactual import load_bias_sets
+
+        bias_sets = load_bias_sets(require_templates=False)
     encoded = []
     for i, row in enumerate(rows):
+        extra: dict[str, Any]
         if kind == "pairs":
             first, second, extra = row["chosen"], row["rejected"], {"margin": float(row.get("margin") or 0.0)}
         else:
             first, second = row["completion"], rows[(i + 1) % len(rows)]["completion"]
             extra = {"label": float(bool(row["label"]))}
-        encoded.append({
-            "seqs": [tokenize_example(tokenizer, row["prompt"], c, d.max_prompt_length, d.max_length,
-                                      d.apply_chat_template) for c in (first, second)],
-            **extra,
-        })
+        if bias_sets is not None:
+            from raylign.data.counterfactual import pair_copies_for_penalty
+
+            extra["cf_seqs"] = pair_copies_for_penalty(row, bias_sets, lambda r: encode(r, r["chosen"], r["rejected"]))
+        encoded.append({"seqs": encode(row, first, second), **extra})
     return encoded
 
 
@@ -98,6 +109,10 @@ def collate(encoded: list[dict], pad_id: int) -> dict[str, np.ndarray]:
             out[key] = np.array([e[key] for e in encoded], dtype=np.float32)
     if "ref_logps" in encoded[0]:
         out["ref_logps"] = np.stack([e["ref_logps"] for e in encoded]).astype(np.float32)
+    if "cf_seqs" in encoded[0]:  # train.counterfactual_penalty
+        from raylign.data.counterfactual import collate_counterfactuals
+
+        out.update(collate_counterfactuals([e["cf_seqs"] for e in encoded], pad_id))
     return out
 
 
@@ -246,6 +261,9 @@ def run_offline(config: RunConfig, resume: bool = False, console: Console | None
             f"{config.algorithm} trains on data.kind {' or '.join(kinds)}, not '{config.data.kind}'"
         )
     # Everything a user can get wrong is checked before Ray or any actor starts.
+    if config.train.counterfactual_penalty > 0 and objective not in ("reward", "dpo", "simpo", "orpo"):
+        raise ConfigError(f"train.counterfactual_penalty applies to reward models and the DPO family (reward, dpo, "
+                          f"simpo, orpo), not {config.algorithm}; set it to 0")
     tokenizer = load_tokenizer(config.model.path)
     train_table, val_table = load_split(config.data, algorithm=config.algorithm)
     encode = encode_sft_rows if objective == "sft" else encode_pair_rows

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from raylign.algorithms.advantages import masked_mean
+from raylign.algorithms.fairness import counterfactual_pairing_penalty
 from raylign.algorithms.kl import kl_estimate
 from raylign.algorithms.logprobs import response_start, rl_logits, sequence_logps, token_logps
 from raylign.algorithms.policy import (
@@ -85,6 +86,27 @@ def reference_logps(batch: Batch, ref_fn: ReferenceFn | None) -> torch.Tensor:
         return ref_fn(_flat(batch["input_ids"]), _flat(batch["loss_mask"])).view(-1, 2)
 
 
+# (input_ids, attention_mask, loss_mask) [N, T] -> the score of each sequence [N], with gradients.
+ScoreFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def counterfactual_scores(batch: Batch, score_fn: ScoreFn) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores of the counterfactual copies of a pair batch, [B, K, 2], and which copies exist [B, K].
+
+    The batch carries `cf_input_ids` / `cf_attention_mask` / `cf_loss_mask` [B, K, 2, T'] and
+    `cf_valid` [B, K] (`raylign.data.counterfactual.collate_counterfactuals`); only existing copies go
+    through the model, cut to their longest row."""
+    valid = batch["cf_valid"].bool()  # [B, K]
+    out = torch.zeros(*valid.shape, 2, device=valid.device)
+    if valid.any():
+        width = int(batch["cf_attention_mask"][valid].sum(-1).max())
+        ids, attn, mask = (_flat(batch[k][valid][..., :width]) for k in ("cf_input_ids", "cf_attention_mask",
+                                                                        "cf_loss_mask"))  # [2N, T]
+        scores = score_fn(ids, attn, mask).float().view(-1, 2)  # [N, 2]
+        out = out.index_put((valid,), scores)
+    return out, valid
+
+
 def sft_objective(model, batch, ref_fn=None):
     """Negative log-likelihood of the masked (completion) tokens, summed over tokens."""
     logits = causal_logits(model, batch["input_ids"])
@@ -96,6 +118,23 @@ def sft_objective(model, batch, ref_fn=None):
 def make_objective(name: str, config: RunConfig) -> Objective:
     """The objective for `name`, with its hyperparameters from `config.preference` bound in."""
     p = config.preference
+    cf_weight = config.train.counterfactual_penalty
+
+    def counterfactual(losses: torch.Tensor, batch: Batch, scores: torch.Tensor,
+                       score_fn: ScoreFn) -> tuple[torch.Tensor, dict[str, float]]:
+        """losses + λ·P (counterfactual logit pairing, `algorithms.fairness`) when train.counterfactual_penalty
+        is on and the batch carries copies; P's sum and the examples with copies for the log."""
+        if cf_weight <= 0 or "cf_valid" not in batch:
+            return losses, {}
+        cf_scores, valid = counterfactual_scores(batch, score_fn)
+        penalty, copies = counterfactual_pairing_penalty(scores.float(), cf_scores, valid)
+        return losses + cf_weight * penalty, {"cf_penalty_sum": penalty.detach().sum().item(),
+                                              "cf_examples": (copies > 0).sum().item()}
+
+    def mean_logps(model):
+        """The DPO family's counterfactual score: the completion's mean token log-prob under the policy
+        (what `raylign eval --bias` measures as loglik-mean); the frozen reference adds no gradient."""
+        return lambda ids, attn, mask: sequence_logps(causal_logits(model, ids), ids, mask, average=True)
 
     def dpo(model, batch, ref_fn=None):
         pol = policy_logps(model, batch)
@@ -103,26 +142,33 @@ def make_objective(name: str, config: RunConfig) -> Objective:
         losses, chosen_r, rejected_r = dpo_loss(
             pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1], p.beta, p.loss_type, p.label_smoothing
         )
-        return losses.sum(), pair_sums(losses, chosen_r, rejected_r)
+        avg = pol / batch["loss_mask"][..., 1:].sum(-1).clamp(min=1)  # [B, 2] mean token log-probs
+        losses, extra = counterfactual(losses, batch, avg, mean_logps(model))
+        return losses.sum(), pair_sums(losses, chosen_r, rejected_r) | extra
 
     def simpo(model, batch, ref_fn=None):
         avg = policy_logps(model, batch, average=True)
         losses, chosen_r, rejected_r = simpo_loss(avg[:, 0], avg[:, 1], p.beta, p.simpo_gamma)
-        return losses.sum(), pair_sums(losses, chosen_r, rejected_r)
+        losses, extra = counterfactual(losses, batch, avg, mean_logps(model))
+        return losses.sum(), pair_sums(losses, chosen_r, rejected_r) | extra
 
     def orpo(model, batch, ref_fn=None):
         avg = policy_logps(model, batch, average=True)
         losses, log_odds = orpo_loss(-avg[:, 0], avg[:, 0], avg[:, 1], p.orpo_lambda)
-        sums = pair_sums(losses, avg[:, 0].detach(), avg[:, 1].detach())
+        losses, extra = counterfactual(losses, batch, avg, mean_logps(model))
+        sums = pair_sums(losses, avg[:, 0].detach(), avg[:, 1].detach()) | extra
         sums["log_odds_sum"] = log_odds.sum().item()
         return losses.sum(), sums
 
     def reward(model, batch, ref_fn=None):
-        ids, attn = _flat(batch["input_ids"]), _flat(batch["attention_mask"])
-        scores = model(input_ids=ids, attention_mask=attn).logits[:, 0].view(-1, 2)
+        def score(ids, attn, mask=None):
+            return model(input_ids=ids, attention_mask=attn).logits[:, 0]
+
+        scores = score(_flat(batch["input_ids"]), _flat(batch["attention_mask"])).view(-1, 2)
         margin = batch.get("margin") if p.use_margin else None
         losses = bradley_terry_loss(scores[:, 0], scores[:, 1], margin)
-        return losses.sum(), pair_sums(losses, scores[:, 0].detach(), scores[:, 1].detach())
+        losses, extra = counterfactual(losses, batch, scores, score)
+        return losses.sum(), pair_sums(losses, scores[:, 0].detach(), scores[:, 1].detach()) | extra
 
     def kto(model, batch, ref_fn=None):
         # Row 0 of each example is (prompt, completion); row 1 pairs the prompt with another example's

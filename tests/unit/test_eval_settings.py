@@ -34,13 +34,14 @@ def test_every_eval_flag_reaches_its_field():
             "--checkpoints", "--proxy", "length", "--gold", "lexicon:vader", "--scorer", "dpo", "--judge", "length",
             "--beta", "0.3", "--limit", "7", "--max-new-tokens", "9", "--temperature", "0.5", "--actors", "3",
             "--cpus-per-actor", "0.5", "--batch-size", "4", "--bias-generate", "--seed", "5", "--no-progress",
-            "--human", "db.sqlite"]
+            "--human", "db.sqlite", "--explain", "2"]
     got = eval_settings(build_parser().parse_args(argv))
     assert got == EvalSettings(
         model="runs/x", out="o", pairs="p.jsonl", ratings="r.jsonl", bias="builtin", prompts="q.jsonl",
         reference="ref", references="refs.jsonl", embedder="emb", checkpoints=True, proxy="length",
         gold="lexicon:vader", scorer="dpo", judge="length", beta=0.3, limit=7, max_new_tokens=9, temperature=0.5,
-        actors=3, cpus_per_actor=0.5, batch_size=4, bias_generate=True, seed=5, progress=False, human="db.sqlite")
+        actors=3, cpus_per_actor=0.5, batch_size=4, bias_generate=True, seed=5, progress=False, human="db.sqlite",
+        explain=2)
     defaults = EvalSettings(**EVAL_MIN)
     cli_fields = set(EvalSettings.model_fields) - {"n_boot"}  # n_boot has no flag
     assert {f for f in cli_fields if getattr(got, f) == getattr(defaults, f)} == set()
