@@ -175,6 +175,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         "model": args.model, "served_model_name": args.served_model_name, "reward_model": args.reward_model,
         "dtype": args.dtype, "trust_remote_code": args.trust_remote_code, "merge_lora": not args.no_merge_lora,
         "max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms,
+        "prefill_chunk_tokens": args.prefill_chunk_tokens,
         "max_tokens_limit": args.max_tokens_limit, "default_max_tokens": args.default_max_tokens,
         "max_request_tokens": args.max_request_tokens, "request_timeout_s": args.timeout, **auth,
         "num_cpus": args.cpus_per_replica, "num_gpus": args.gpus_per_replica, "num_replicas": args.replicas,
@@ -471,6 +472,9 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpus-per-replica", type=float, default=0.0, help="GPUs per replica (default 0)")
     p.add_argument("--max-batch-size", type=int, default=32, help="rows (prompts x n) per forward pass (default 32)")
     p.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a batch waits to fill (default 10)")
+    p.add_argument("--prefill-chunk-tokens", type=int, default=256, metavar="N",
+                   help="while requests decode, prefill a longer new prompt N tokens per decode step so running "
+                   "streams keep going (default 256; 0: each prompt at once)")
     p.add_argument("--max-ongoing-requests", type=int, help="requests a replica works on at once "
                    "(default 2 x max batch size)")
     p.add_argument("--max-queued-requests", type=int, help="requests a replica holds waiting beyond those; more "

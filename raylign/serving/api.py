@@ -45,7 +45,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, TypeVar, cast
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -56,9 +56,10 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from raylign.serving.batching import ScoreJob
-from raylign.serving.engine import Engine, EngineDead, Job, RowUpdate, Sampling
+from raylign.serving.engine import Engine, EngineDead, Job, RowUpdate, Sampling, TokenLogprob
 from raylign.serving.protocol import (
     DEFAULT_COMPLETION_TOKENS,
+    LOGPROB_FLOOR,
     UNSUPPORTED,
     ApiError,
     AssistantMessage,
@@ -67,10 +68,13 @@ from raylign.serving.protocol import (
     ChatCompletionChunk,
     ChatCompletionFields,
     ChatCompletionResponse,
+    ChatLogprobs,
+    ChatTokenLogprob,
     CompletionChoice,
     CompletionChunk,
     CompletionChunkChoice,
     CompletionFields,
+    CompletionLogprobs,
     CompletionResponse,
     Delta,
     ErrorResponse,
@@ -81,6 +85,7 @@ from raylign.serving.protocol import (
     Score,
     ScoreFields,
     ScoreResponse,
+    TopLogprob,
     Usage,
     event_stream_schema,
     request_models,
@@ -127,7 +132,7 @@ def create_api(settings: ServeSettings, backend: Backend) -> FastAPI:
         ChatCompletionRequest: TypeAlias = ChatCompletionFields
         ScoreRequest: TypeAlias = ScoreFields
     else:  # FastAPI reads the route's annotation at run time: it must be the class with the limits
-        CompletionRequest, ChatCompletionRequest = request_models(settings)
+        CompletionRequest, ChatCompletionRequest = request_models(settings, backend.engine.vocab_size)
         ScoreRequest = score_request_model(settings)
     api_key = settings.resolved_api_key()
     engine = backend.engine
@@ -155,9 +160,31 @@ def create_api(settings: ServeSettings, backend: Backend) -> FastAPI:
             raise ApiError(404, f"model {name!r} is not served here; models: {known} (GET /v1/models)",
                            param=param, code="model_not_found")
 
-    def sampling(body: Any, max_tokens: int) -> Sampling:
+    strings = TokenStrings(engine)
+
+    def sampling(body: Any, max_tokens: int, logprobs: int | None = None, echo: bool = False) -> Sampling:
+        stop_ids = tuple(body.stop_token_ids or ())
+        check_ids(list(stop_ids), "stop_token_ids")
         return Sampling(max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
-                        top_p=1.0 if body.top_p is None else body.top_p, stop=body.stops(), seed=body.seed)
+                        top_p=1.0 if body.top_p is None else body.top_p, stop=body.stops(), seed=body.seed,
+                        logprobs=logprobs, echo=echo, stop_token_ids=stop_ids)
+
+    def check_ids(ids: list[int], param: str) -> None:
+        if ids and max(ids) >= engine.vocab_size:
+            raise ApiError(400, f"token id {max(ids)} is out of range: this model's vocabulary has "
+                           f"{engine.vocab_size} tokens (ids 0..{engine.vocab_size - 1})", param=param)
+
+    def prompt_ids(prompt: Any) -> tuple[list[list[int]], list[str | None]]:
+        """A completions prompt as token ids per prompt, and each given text (None for ids)."""
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        elif prompt and isinstance(prompt[0], int):
+            prompt = [prompt]
+        ids = [engine.encode_text(p) if isinstance(p, str) else list(p) for p in prompt]
+        for p in prompt:
+            if not isinstance(p, str):
+                check_ids(p, "prompt")
+        return ids, [p if isinstance(p, str) else None for p in prompt]
 
     def check_context(ids: list[int], max_tokens: int) -> None:
         if not ids:
@@ -200,22 +227,29 @@ def create_api(settings: ServeSettings, backend: Backend) -> FastAPI:
               dependencies=guarded, tags=["openai"])
     async def completions(body: CompletionRequest, request: Request) -> Any:
         check_model(body.model)
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         max_tokens = DEFAULT_COMPLETION_TOKENS if body.max_tokens is None else body.max_tokens
-        ids = await off_loop(lambda: [engine.encode_text(p) for p in prompts])
-        for prompt_ids in ids:
-            check_context(prompt_ids, max_tokens)
+        echo = bool(body.echo)
+        ids, given = await off_loop(prompt_ids, body.prompt)
+        for one in ids:
+            check_context(one, max_tokens)
         check_budget(ids, max_tokens, body.n)
-        job = Job(ids, sampling(body, max_tokens), n=body.n, stream=bool(body.stream),
+        job = Job(ids, sampling(body, max_tokens, body.logprobs, echo), n=body.n, stream=bool(body.stream),
                   deadline=request_deadline(request))
+        # an echoed prompt: the text as given, or the decoded token ids
+        echoed = [(text if text is not None else engine.decode(one)) if echo else ""
+                  for one, text in zip(ids, given, strict=True)]
         reply = Reply("cmpl", settings.name, chat=False, rows=job.rows, prompt_tokens=sum(map(len, ids)),
-                      request_id=request_id(request), timeout_s=settings.request_timeout_s)
+                      request_id=request_id(request), timeout_s=settings.request_timeout_s,
+                      strings=strings if body.logprobs is not None else None,
+                      echoed=[echoed[r // body.n] for r in range(job.rows)])
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         if (events := await answer(request, job, reply, bool(body.stream), include_usage)) is not None:
             return events
+        logprobs = await off_loop(reply.completion_logprobs) if body.logprobs is not None else [None] * job.rows
         return CompletionResponse(
             id=reply.id, created=reply.created, model=settings.name, usage=reply.usage(),
-            choices=[CompletionChoice(index=i, text=t, finish_reason=f) for i, (t, f) in enumerate(reply.choices())])
+            choices=[CompletionChoice(index=i, text=reply.echoed[i] + t, finish_reason=f, logprobs=logprobs[i])
+                     for i, (t, f) in enumerate(reply.choices())])
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_streaming(ChatCompletionChunk),
               dependencies=guarded, tags=["openai"])
@@ -230,18 +264,21 @@ def create_api(settings: ServeSettings, backend: Backend) -> FastAPI:
         max_tokens = body.max_completion_tokens or body.max_tokens
         if max_tokens is None:
             max_tokens = max(1, min(settings.default_max_tokens, engine.context_length - len(ids)))
+        top = (body.top_logprobs or 0) if body.logprobs else None
         check_context(ids, max_tokens)
         check_budget([ids], max_tokens, body.n)
-        job = Job([ids], sampling(body, max_tokens), n=body.n, stream=bool(body.stream),
+        job = Job([ids], sampling(body, max_tokens, top), n=body.n, stream=bool(body.stream),
                   deadline=request_deadline(request))
         reply = Reply("chatcmpl", settings.name, chat=True, rows=job.rows, prompt_tokens=len(ids),
-                      request_id=request_id(request), timeout_s=settings.request_timeout_s)
+                      request_id=request_id(request), timeout_s=settings.request_timeout_s,
+                      strings=strings if top is not None else None)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         if (events := await answer(request, job, reply, bool(body.stream), include_usage)) is not None:
             return events
+        logprobs = await off_loop(reply.chat_logprobs) if top is not None else [None] * job.rows
         return ChatCompletionResponse(
             id=reply.id, created=reply.created, model=settings.name, usage=reply.usage(),
-            choices=[ChatChoice(index=i, message=AssistantMessage(content=t), finish_reason=f)
+            choices=[ChatChoice(index=i, message=AssistantMessage(content=t), finish_reason=f, logprobs=logprobs[i])
                      for i, (t, f) in enumerate(reply.choices())])
 
     @app.post("/v1/score", response_model=ScoreResponse, responses=_ERRORS, dependencies=guarded, tags=["raylign"])
@@ -420,11 +457,60 @@ def _replica_dead() -> ApiError:
                     type="server_error", code="replica_unavailable")
 
 
+class TokenStrings:
+    """Token ids as OpenAI's log-prob fields show them: each token's text and UTF-8 bytes, and where
+    each token starts in the text of a sequence."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        tokenizer = engine.tokenizer
+        self._texts: dict[int, str] = {}
+        decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+        # Byte-level BPE (GPT-2, Llama 3, SmolLM2, Qwen2): a token is bytes spelled in printable
+        # characters (Radford et al. 2019), so its exact bytes are known even for part of a character.
+        self._byte_of = {c: b for b, c in _bytes_to_unicode().items()} if "ByteLevel" in repr(decoder) else None
+
+    def text(self, token: int) -> str:
+        if token not in self._texts:
+            self._texts[token] = cast(str, self.engine.tokenizer.decode(
+                [token], skip_special_tokens=False, clean_up_tokenization_spaces=False))
+        return self._texts[token]
+
+    def bytes(self, token: int) -> list[int]:
+        piece = self.engine.tokenizer.convert_ids_to_tokens(token)
+        if self._byte_of is not None and isinstance(piece, str) and all(c in self._byte_of for c in piece):
+            return [self._byte_of[c] for c in piece]
+        return list(self.text(token).encode("utf-8"))
+
+    def offsets(self, ids: list[int], start: int = 0) -> list[int]:
+        """len(decode(ids[:i])) for i in start..len(ids)-1: where token i's text starts."""
+        return [len(self.engine.decode(ids[:i])) for i in range(start, len(ids))]
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character map of byte-level BPE (openai/gpt-2, encoder.py)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), ord("\xff") + 1)]
+    chars = list(keep)
+    extra = 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(keep, map(chr, chars), strict=True))
+
+
+def _finite(logprob: float) -> float:
+    return max(logprob, LOGPROB_FLOOR)
+
+
 class Reply:
-    """Collects one request's row updates into OpenAI responses or stream chunks."""
+    """Collects one request's row updates (and log-probs, when `strings` is given) into OpenAI
+    responses or stream chunks."""
 
     def __init__(self, prefix: str, model: str, chat: bool, rows: int, prompt_tokens: int,
-                 request_id: str = "-", timeout_s: float = math.inf):
+                 request_id: str = "-", timeout_s: float = math.inf, strings: TokenStrings | None = None,
+                 echoed: list[str] | None = None):
         self.id = f"{prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.model, self.chat, self.prompt_tokens = model, chat, prompt_tokens
@@ -432,6 +518,11 @@ class Reply:
         self.texts = [""] * rows
         self.tokens = [0] * rows
         self.finish: list[str | None] = [None] * rows
+        self.strings = strings
+        self.logprobs: list[list[TokenLogprob]] = [[] for _ in range(rows)]
+        self.prompt_logprobs: list[list[TokenLogprob]] = [[] for _ in range(rows)]
+        self.echoed = echoed or [""] * rows  # each choice's echoed prompt ("" without echo)
+        self._started = [False] * rows  # a streamed choice's first chunk (which carries its echo) is out
 
     @property
     def open_rows(self) -> int:
@@ -440,8 +531,59 @@ class Reply:
     def apply(self, update: RowUpdate) -> None:
         self.texts[update.row] += update.text
         self.tokens[update.row] = update.completion_tokens
+        self.logprobs[update.row].extend(update.logprobs)
+        if update.prompt_logprobs is not None:
+            self.prompt_logprobs[update.row] = list(update.prompt_logprobs)
         if update.finish_reason is not None:
             self.finish[update.row] = update.finish_reason
+
+    def _strings(self) -> TokenStrings:
+        if self.strings is None:
+            raise RuntimeError("this reply was made without log-probs")
+        return self.strings
+
+    def completion_logprobs(self) -> list[CompletionLogprobs]:
+        """Each choice's log-probs (its echoed prompt's first), `text_offset` into its text, which
+        starts with the echoed prompt, if any."""
+        out = []
+        for row, prompt in enumerate(self.echoed):
+            prompt_entries, entries = self.prompt_logprobs[row], self.logprobs[row]
+            offsets = self._strings().offsets([t for t, _, _ in prompt_entries])
+            offsets += [len(prompt) + o for o in self._strings().offsets([t for t, _, _ in entries])]
+            out.append(self._completion_entries([*prompt_entries, *entries], offsets))
+        return out
+
+    def _completion_entries(self, entries: list[TokenLogprob], offsets: list[int]) -> CompletionLogprobs:
+        text = self._strings().text
+        return CompletionLogprobs(
+            tokens=[text(t) for t, _, _ in entries],
+            token_logprobs=[None if lp is None else _finite(lp) for _, lp, _ in entries],
+            top_logprobs=[None if lp is None else {text(a): _finite(v) for a, v in top} for _, lp, top in entries],
+            text_offset=offsets)
+
+    def chat_logprobs(self) -> list[ChatLogprobs]:
+        return [self._chat_entries(entries) for entries in self.logprobs]
+
+    def _chat_entries(self, entries: list[TokenLogprob]) -> ChatLogprobs:
+        strings = self._strings()
+        return ChatLogprobs(content=[ChatTokenLogprob(
+            token=strings.text(t), logprob=_finite(lp if lp is not None else LOGPROB_FLOOR), bytes=strings.bytes(t),
+            top_logprobs=[TopLogprob(token=strings.text(a), logprob=_finite(v), bytes=strings.bytes(a)) for a, v in top])
+            for t, lp, top in entries])
+
+    def _chunk_logprobs(self, update: RowUpdate, first: bool) -> ChatLogprobs | CompletionLogprobs | None:
+        """The log-probs of the tokens one streamed update adds, the echoed prompt's with the choice's
+        `first` chunk (offsets into the whole choice's text)."""
+        if self.strings is None:
+            return None
+        if self.chat:
+            return self._chat_entries(update.logprobs)
+        row = update.row
+        prompt = self.prompt_logprobs[row] if first else []
+        ids = [t for t, _, _ in self.logprobs[row]]
+        offsets = self.strings.offsets([t for t, _, _ in prompt])
+        offsets += [len(self.echoed[row]) + o for o in self.strings.offsets(ids, len(ids) - len(update.logprobs))]
+        return self._completion_entries([*prompt, *update.logprobs], offsets)
 
     def usage(self) -> Usage:
         completion = sum(self.tokens)
@@ -484,8 +626,10 @@ class Reply:
                 yield self._event(row, "", None, role=True)
         try:
             async for update in self.updates(stream, job, deadline):
-                if update.text:
-                    yield self._event(update.row, update.text, None)
+                first, self._started[update.row] = not self._started[update.row], True
+                text = (self.echoed[update.row] if first else "") + update.text
+                if text or update.logprobs or (first and self.prompt_logprobs[update.row]):
+                    yield self._event(update.row, text, None, logprobs=self._chunk_logprobs(update, first))
                 if update.finish_reason is not None:
                     yield self._event(update.row, "", _reply_reason(update.finish_reason))
         except ApiError as exc:
@@ -506,15 +650,18 @@ class Reply:
         kind = ChatCompletionChunk if self.chat else CompletionChunk
         return self._data(kind(id=self.id, created=self.created, model=self.model, choices=[], usage=self.usage()))
 
-    def _event(self, row: int, text: str, finish: FinishReason | None, role: bool = False) -> str:
+    def _event(self, row: int, text: str, finish: FinishReason | None, role: bool = False,
+               logprobs: ChatLogprobs | CompletionLogprobs | None = None) -> str:
         if self.chat:
             delta = Delta(role="assistant", content="") if role else Delta(content=text or None)
             return self._data(ChatCompletionChunk(
                 id=self.id, created=self.created, model=self.model,
-                choices=[ChatChunkChoice(index=row, delta=delta, finish_reason=finish)]))
+                choices=[ChatChunkChoice(index=row, delta=delta, finish_reason=finish,
+                                         logprobs=cast(ChatLogprobs | None, logprobs))]))
         return self._data(CompletionChunk(
             id=self.id, created=self.created, model=self.model,
-            choices=[CompletionChunkChoice(index=row, text=text, finish_reason=finish)]))
+            choices=[CompletionChunkChoice(index=row, text=text, finish_reason=finish,
+                                           logprobs=cast(CompletionLogprobs | None, logprobs))]))
 
 
 def _reply_reason(reason: str | None) -> FinishReason:
@@ -587,6 +734,10 @@ def validation_error(errors: Sequence[dict[str, Any]], known_params: Sequence[st
     message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     if loc and loc[0] in UNSUPPORTED:
         message = f"'{loc[0]}' is not supported by this server; leave it out"
+    elif len(loc) > 1 and loc[0] == "prompt":  # one error per form a prompt may take: name the forms
+        param = "prompt"
+        message = ("prompt: give a non-empty text, a list of them, a non-empty list of token ids (integers >= 0), "
+                   "or a list of those lists (at most as many prompts as the server's limit)")
     elif first.get("type") == "extra_forbidden" and loc:
         close = difflib.get_close_matches(loc[-1], known_params, n=1)
         message = f"unknown parameter '{param}'" + (f". Did you mean '{close[0]}'?" if close else "")

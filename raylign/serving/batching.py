@@ -130,3 +130,23 @@ def score_jobs(score: Callable[[list[Any], list[str]], Iterable[float]], jobs: S
             if got is not None:
                 got.append(float(value))
     return out
+
+
+class LocalBackend:
+    """The backend `raylign.serving.api.create_api` needs, without Serve: each request is its own
+    admission to the engine's running batch (so concurrent requests still decode together), for an app
+    served in-process (tests, benchmarks, `uvicorn`). It has no reward model, so no /v1/score."""
+
+    reward_name: str | None = None
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    async def generate(self, job: Job) -> AsyncIterator[list[RowUpdate]]:
+        async for (item,) in stream_batch(self.engine, [job]):
+            if item is StopIteration:
+                return
+            yield item
+
+    async def score(self, job: ScoreJob) -> list[float] | None:
+        raise RuntimeError("a LocalBackend has no reward model to score with")

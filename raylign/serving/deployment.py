@@ -93,7 +93,8 @@ class RaylignServer:
         self.engine = Engine(self.settings.model, dtype=self.settings.dtype,
                              trust_remote_code=self.settings.trust_remote_code,
                              merge_lora=self.settings.merge_lora, device=device,
-                             max_rows=self.settings.max_batch_size)
+                             max_rows=self.settings.max_batch_size,
+                             prefill_chunk=self.settings.prefill_chunk_tokens)
         self.scorer = None
         self.reward_name = None
         if self.settings.reward_model:

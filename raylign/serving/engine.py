@@ -60,13 +60,20 @@ GREEDY_BELOW = 1e-4
 
 @dataclass(frozen=True)
 class Sampling:
-    """One request's sampling settings (already validated)."""
+    """One request's sampling settings (already validated). `logprobs`: report each generated token's
+    log-prob and its `logprobs` most likely alternatives (None: report nothing); `echo`: also the
+    prompt's tokens' (the first one has none); `max_tokens` 0 generates nothing (scores the prompt, with
+    echo). `stop_token_ids` end a row like EOS does (the stopping token is neither in the text nor in
+    the log-probs)."""
 
     max_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    logprobs: int | None = None
+    echo: bool = False
+    stop_token_ids: tuple[int, ...] = ()
 
 
 @dataclass
@@ -97,14 +104,23 @@ class EngineDead(RuntimeError):
     """The decode thread has stopped: this engine serves no more requests (the replica must be replaced)."""
 
 
+# One token's log-prob entry: (token id, log-prob or None for a prompt's first token, the most likely
+# alternatives as (token id, log-prob), most likely first).
+TokenLogprob = tuple[int, float | None, tuple[tuple[int, float], ...]]
+
+
 @dataclass
 class RowUpdate:
-    """New text of one row since its last update; `finish_reason` is set on its last update."""
+    """New text of one row since its last update; `finish_reason` is set on its last update. For a row
+    that asked for log-probs: `logprobs`, those of its tokens new since its last update, and, on its
+    first update, `prompt_logprobs` when it asked for `echo`."""
 
     row: int
     text: str
     finish_reason: str | None = None  # "stop" | "length" | "cancelled"
     completion_tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 Emit = Callable[[dict[int, list[RowUpdate]]], None]  # {job index: updates}, once per generation step
@@ -162,19 +178,50 @@ def one_hot_scores(tokens: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: torch.Tensor, top: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """log p_T(token) = log_softmax(logits / T)[token] of the untruncated temperature-scaled
+    distribution, T = 1 where T < GREEDY_BELOW (greedy): the quantity raylign's rollouts record and its
+    learner recomputes (`raylign.workers.rollout.sample_batch`), before any top-p truncation. Also the
+    `top` most likely tokens and their log-probs. logits [rows, V], tokens [rows], temperature [rows] ->
+    ([rows], [rows, top] values, [rows, top] ids)."""
+    t = torch.where(temperature < GREEDY_BELOW, torch.ones_like(temperature), temperature).to(logits.device)
+    logp = torch.log_softmax(logits.float() / t[:, None], dim=-1)  # [rows, V]
+    chosen = logp.gather(1, tokens[:, None].to(logits.device))[:, 0]
+    values, ids = logp.topk(top, dim=-1) if top > 0 else (logp[:, :0], logp[:, :0].long())
+    return chosen.cpu(), values.cpu(), ids.cpu()
+
+
+def logprob_entries(tokens: torch.Tensor, chosen: torch.Tensor, values: torch.Tensor, ids: torch.Tensor,
+                    top: int) -> list[TokenLogprob]:
+    """`token_logprobs`' tensors of one row as entries, with that row's own number of alternatives."""
+    return [(token, logprob, tuple(zip(top_ids[:top], top_values[:top], strict=True)))
+            for token, logprob, top_values, top_ids in zip(tokens.tolist(), chosen.tolist(), values.tolist(),
+                                                           ids.tolist(), strict=True)]
+
+
 
 
 class _Row:
     __slots__ = ("admission", "job", "index", "prompt", "max_tokens", "stops", "stream", "temperature", "top_p",
-                 "generator", "tokens", "text", "sent", "finish")
+                 "generator", "tokens", "text", "sent", "finish", "top", "echo", "stop_ids", "logprobs",
+                 "prompt_logprobs", "sent_logprobs", "sent_prompt")
 
     def __init__(self, job: int, index: int, max_tokens: int, stops: tuple[str, ...], stream: bool,
                  prompt: Sequence[int] = (), temperature: float = 0.0, top_p: float = 1.0,
-                 generator: torch.Generator | None = None, admission: Any = None):
+                 generator: torch.Generator | None = None, admission: Any = None, top: int | None = None,
+                 echo: bool = False, stop_ids: Sequence[int] = ()):
         self.job, self.index, self.max_tokens, self.stops, self.stream = job, index, max_tokens, stops, stream
         self.prompt, self.temperature, self.top_p, self.generator = list(prompt), temperature, top_p, generator
         self.admission = admission
+        self.top = top  # alternatives per log-prob entry; None: no log-probs for this row
+        self.echo = echo and top is not None  # log-probs of the prompt's tokens too
+        self.stop_ids = frozenset(stop_ids)
         self.tokens: list[int] = []
+        self.logprobs: list[TokenLogprob] = []  # one per generated token, while the row asks for them
+        self.prompt_logprobs: list[TokenLogprob] | None = None
+        self.sent_logprobs = 0  # entries already in an update
+        self.sent_prompt = False
         self.text = ""  # decoded so far (cut at a stop string once one is found)
         self.sent = ""  # streamed so far, always a prefix of the final text
         self.finish: str | None = None
@@ -187,9 +234,13 @@ class RowProgress:
     def __init__(self, eos_ids: set[int], decode: Callable[[list[int]], str]):
         self.eos_ids, self.decode = eos_ids, decode
 
-    def advance(self, row: _Row, token: int, cancelled: bool) -> RowUpdate | None:
-        """Take `token` into `row`; the row's update to stream or to end it, if any."""
+    def advance(self, row: _Row, token: int, cancelled: bool, logprob: TokenLogprob | None = None
+                ) -> RowUpdate | None:
+        """Take `token` (and its log-prob entry, for a row that asks for them) into `row`; the row's
+        update to stream or to end it, if any."""
         row.tokens.append(token)
+        if logprob is not None:
+            row.logprobs.append(logprob)
         self._advance(row, token, cancelled)
         if row.stream or row.finish is not None:
             return self.pending_update(row)
@@ -199,9 +250,10 @@ class RowProgress:
         if cancelled:
             row.finish = "cancelled"
             return
-        if token in self.eos_ids:
+        if token in self.eos_ids or token in row.stop_ids:
             row.finish = "stop"
             row.text = self.decode(row.tokens[:-1])
+            del row.logprobs[len(row.tokens) - 1:]  # the stopping token is not part of the answer
             return
         if row.stream or row.stops or len(row.tokens) >= row.max_tokens:
             row.text = self.decode(row.tokens)
@@ -210,18 +262,33 @@ class RowProgress:
             if cut >= 0:
                 row.text = row.text[:cut]
                 row.finish = "stop"
+                if row.top is not None:
+                    del row.logprobs[self._tokens_covering(row.tokens, len(row.text)):]
                 return
         if len(row.tokens) >= row.max_tokens:
             row.finish = "length"
 
+    def _tokens_covering(self, tokens: list[int], chars: int) -> int:
+        """The fewest leading tokens whose text has at least `chars` characters (those a stop string's
+        cut keeps, the last one possibly in part)."""
+        k = len(tokens)
+        while k > 0 and len(self.decode(tokens[:k - 1])) >= chars:
+            k -= 1
+        return k
+
     def pending_update(self, row: _Row) -> RowUpdate | None:
-        """The row's text not streamed yet that can no longer change (all of it once finished)."""
+        """The row's text not streamed yet that can no longer change (all of it once finished), with
+        the log-prob entries not reported yet (held back with the text)."""
         text = row.text if row.finish is not None else self._settled(row)
         delta = text[len(row.sent):] if text.startswith(row.sent) else ""
         if not delta and row.finish is None:
             return None
         row.sent += delta
-        return RowUpdate(row.index, delta, row.finish, len(row.tokens))
+        update = RowUpdate(row.index, delta, row.finish, len(row.tokens), row.logprobs[row.sent_logprobs:])
+        row.sent_logprobs = max(row.sent_logprobs, len(row.logprobs))
+        if row.echo and not row.sent_prompt:
+            update.prompt_logprobs, row.sent_prompt = row.prompt_logprobs, True
+        return update
 
     @staticmethod
     def _settled(row: _Row) -> str:
@@ -309,12 +376,32 @@ def left_pad(kv: KV, mask: torch.Tensor, length: int) -> tuple[KV, torch.Tensor]
     return [(pad(k), pad(v)) for k, v in kv], torch.nn.functional.pad(mask, (extra, 0))
 
 
+@dataclass
+class _Prefill:
+    """The prompts of one admission on their way into the running batch, prefilled a chunk of columns
+    at a time: `ids` [rows, L] are their tails (after a `shared` head already in `cache`), left-padded;
+    `mask` [rows, shared + L]; `positions` [rows, L]; `lengths` the tails' lengths; `done` the columns
+    prefilled so far and `logits` [rows, V] those of the last one."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    positions: torch.Tensor
+    cache: DynamicCache
+    shared: int
+    lengths: list[int]
+    done: int = 0
+    logits: torch.Tensor | None = None
+    admission: Any = None
+    rows: list[_Row] = field(default_factory=list)
+
+
 class Engine:
     """A causal LM and its tokenizer, decoding every submitted request in one continuous batch."""
 
     def __init__(self, model: str, dtype: Literal["float32", "bfloat16", "float16"] = "float32",
                  trust_remote_code: bool = False,
-                 merge_lora: bool = True, device: str | None = None, max_rows: int = 32):
+                 merge_lora: bool = True, device: str | None = None, max_rows: int = 32,
+                 prefill_chunk: int = 0):
         from raylign.config import ModelConfig
         from raylign.models import is_peft_model, load_causal_lm
 
@@ -331,6 +418,9 @@ class Engine:
         self.context_length = int(getattr(config, "max_position_embeddings", None)
                                   or getattr(config, "n_positions", None) or self.tokenizer.model_max_length)
         self.max_rows = max_rows
+        self.prefill_chunk = prefill_chunk  # prompt tokens per decode step while rows run; 0: all at once
+        embeddings = cast(torch.nn.Embedding, cast(Any, self.model).get_input_embeddings())
+        self.vocab_size = int(embeddings.num_embeddings)  # token ids a request may give are < this
         self._progress = RowProgress(self.eos_ids, self.decode)
         self._cache_arg = cache_argument(self.model)
         self._entropy = np.random.default_rng()
@@ -343,6 +433,7 @@ class Engine:
         # Owned by the decode thread: the running batch.
         self._rows: list[_Row] = []
         self._joining: list[_Admission] = []  # taken from the waiting queue, not yet in the running batch
+        self._prefills: deque[_Prefill] = deque()  # long prompts being prefilled a chunk per step
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None  # [rows, length], 1 = a real token
         self._logits: torch.Tensor | None = None  # [rows, vocab], the next token's
@@ -382,7 +473,8 @@ class Engine:
             for r in range(job.rows):
                 generator = None if s.temperature < GREEDY_BELOW else torch.Generator().manual_seed(row_seed(base_seed, r))
                 admission.rows.append(_Row(j, r, s.max_tokens, s.stop, job.stream, job.prompt_ids[r // job.n],
-                                           s.temperature, s.top_p, generator, admission))
+                                           s.temperature, s.top_p, generator, admission, s.logprobs, s.echo,
+                                           s.stop_token_ids))
         admission.open_rows = len(admission.rows)
         if not admission.rows:
             admission.future.set_result(admission.result())
@@ -414,7 +506,7 @@ class Engine:
             log.critical("raylign: the decode thread stopped: %r", error, exc_info=True)
             with self._lock:
                 self._died = error
-                pending = [*self._waiting, *self._joining,
+                pending = [*self._waiting, *self._joining, *(p.admission for p in self._prefills),
                            *{id(r.admission): r.admission for r in self._rows}.values()]
                 self._waiting.clear()
             dead = EngineDead(f"the decode thread stopped: {error!r}")
@@ -426,7 +518,7 @@ class Engine:
         torch.set_num_threads(self._threads)  # the creating thread's setting (thread-local under OpenMP)
         while True:
             with self._lock:
-                while not self._waiting and not self._rows:
+                while not self._waiting and not self._rows and not self._prefills:
                     self._lock.wait()
                 self._joining = joining = self._admit()
             with torch.inference_mode():
@@ -434,8 +526,17 @@ class Engine:
                     try:
                         self._join(admission)
                     except Exception as error:  # a bad request fails alone; the batch carries on
-                        log.warning("raylign: prefill failed: %r", error)
-                        admission.future.set_exception(error)
+                        self._prefill_failed(admission, error)
+                self._joining = []
+                if self._prefills:  # one chunk of the oldest long prompt, then one step for the running rows
+                    prefill = self._prefills[0]
+                    try:
+                        if self._prefill_chunk(prefill):
+                            self._prefills.popleft()
+                            self._merge(prefill)
+                    except Exception as error:
+                        self._prefills.popleft()
+                        self._prefill_failed(prefill.admission, error)
                 try:
                     self._step()
                 except Exception as error:  # a failed step fails every request in it
@@ -445,10 +546,16 @@ class Engine:
                             admission.future.set_exception(error)
                     self._reset()
 
+    @staticmethod
+    def _prefill_failed(admission: _Admission, error: Exception) -> None:
+        log.warning("raylign: prefill failed: %r", error)
+        if not admission.future.done():
+            admission.future.set_exception(error)
+
     def _admit(self) -> list[_Admission]:
         """Waiting admissions that fit, first come first served (one too big for `max_rows` joins an
         empty batch alone). Rows of requests that are gone (cancelled, past their deadline) take no room."""
-        live = len(self._rows)
+        live = len(self._rows) + sum(len(p.rows) for p in self._prefills)
         joining = []
         now = time.monotonic()
         while self._waiting:
@@ -475,14 +582,18 @@ class Engine:
                 gone.setdefault(row.job, []).append(RowUpdate(row.index, "", "cancelled", 0))
             else:
                 live.append(row)
-        if gone and admission.emit is not None:
-            try:
-                admission.emit(gone)
-            except Exception:  # noqa: BLE001 - its listener is gone: nothing left to tell
-                admission.emit = None
+        self._emit(admission, gone)
         if not live and not admission.future.done():
             admission.future.set_result(admission.result())
         return live
+
+    @staticmethod
+    def _emit(admission: _Admission, updates: dict[int, list[RowUpdate]]) -> None:
+        if updates and admission.emit is not None:
+            try:
+                admission.emit(updates)
+            except Exception:  # noqa: BLE001 - its listener is gone: nothing left to tell
+                admission.emit = None
 
     def _reset(self) -> None:
         self._rows, self._cache, self._mask, self._logits, self._sampler = [], None, None, None, None
@@ -494,10 +605,103 @@ class Engine:
         return self._cache, self._mask, self._logits
 
     def _join(self, admission: _Admission) -> None:
+        """Prefill `admission`'s live rows and merge them into the running batch; a long prompt while
+        rows are running is only started here, and prefilled a chunk per step (`prefill_chunk`)."""
         rows = self._drop_gone(admission)
         if not rows:
             return
-        kv, mask, logits = self._prefill([row.prompt for row in rows])
+        prefill = self._prefill([row.prompt for row in rows], share_head=not any(row.echo for row in rows))
+        prefill.admission, prefill.rows = admission, rows
+        chunked = self.prefill_chunk > 0 and (self._rows or self._prefills)
+        if chunked and prefill.ids.numel() > self.prefill_chunk:
+            self._prefills.append(prefill)
+            return
+        self._prefill_chunk(prefill, everything=True)
+        self._merge(prefill)
+
+    def _prefill(self, prompts: list[list[int]], share_head: bool = True) -> _Prefill:
+        """The prefill of `prompts` set up (their shared head's KV taken or computed once): the tails,
+        left-padded, to run through the model."""
+        shared, head_kv = self._shared_head(prompts) if share_head else (0, [])
+        tails = [p[shared:] for p in prompts]
+        enc = self.tokenizer.pad({"input_ids": tails}, padding=True, return_tensors="pt")
+        rows = len(prompts)
+        mask = torch.cat([torch.ones(rows, shared, dtype=torch.long), enc["attention_mask"]], dim=1).to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]  # a token's position: real tokens before it
+        cache = DynamicCache(ddp_cache_data=[(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1))
+                                             for k, v in head_kv]) if shared else DynamicCache()
+        return _Prefill(enc["input_ids"].to(self.device), mask, positions, cache, shared,
+                        [len(t) for t in tails])
+
+    def _prefill_chunk(self, prefill: _Prefill, everything: bool = False) -> bool:
+        """Run the next `prefill_chunk` prompt tokens of `prefill` (all of them if `everything`) through
+        the model, scoring the prompt tokens of rows that asked for `echo`; True once it is done. A
+        prefill whose requests are all gone is dropped (its rows finished as cancelled)."""
+        rows = prefill.rows
+        if not everything and all(prefill.admission.jobs[row.job].gone(time.monotonic()) for row in rows):
+            self._finish_rows(prefill.admission, rows, "cancelled")
+            prefill.rows = []
+            return True
+        width = prefill.ids.shape[1]
+        start = prefill.done
+        end = width if everything else min(width, start + max(1, self.prefill_chunk // len(rows)))
+        scoring = [i for i, row in enumerate(rows) if row.echo]
+        logits = self.model(input_ids=prefill.ids[:, start:end], attention_mask=prefill.mask[:, :prefill.shared + end],
+                            position_ids=prefill.positions[:, start:end], use_cache=True,
+                            logits_to_keep=0 if scoring else 1, **{self._cache_arg: prefill.cache}).logits
+        for i in scoring:
+            self._score_prompt(prefill, i, logits[i], start, end)
+        prefill.logits = logits[:, -1].float()
+        prefill.done = end
+        return end == width
+
+    def _score_prompt(self, prefill: _Prefill, i: int, logits: torch.Tensor, start: int, end: int) -> None:
+        """Log-prob entries of row `i`'s prompt tokens in columns [start, end) (its first token has none):
+        column c is predicted by the logits of column c - 1, the last one of the previous chunk for c = start."""
+        row = prefill.rows[i]
+        first = prefill.ids.shape[1] - prefill.lengths[i]  # the column of its first real token
+        if row.prompt_logprobs is None:
+            row.prompt_logprobs = [(row.prompt[0], None, ())]
+        if prefill.logits is not None:
+            logits = torch.cat([prefill.logits[i:i + 1].to(logits.dtype), logits[:-1]])  # predicts columns start..end-1
+        else:
+            logits = logits[:-1]  # predicts columns start+1..end-1 (start = 0)
+        lo = max(start, first + 1)
+        if lo >= end:
+            return
+        offset = lo - (start if prefill.logits is not None else start + 1)
+        top = row.top or 0
+        targets = prefill.ids[i, lo:end].cpu()
+        chosen, values, ids = token_logprobs(logits[offset:], targets, torch.full((end - lo,), row.temperature), top)
+        row.prompt_logprobs.extend(logprob_entries(targets, chosen, values, ids, top))
+
+    def _finish_rows(self, admission: _Admission, rows: list[_Row], reason: str) -> None:
+        """End `rows` of `admission` without generating (cancelled, or echo with max_tokens 0) and tell it."""
+        updates: dict[int, list[RowUpdate]] = {}
+        for row in rows:
+            row.finish = reason
+            admission.open_rows -= 1
+            update = self._progress.pending_update(row)
+            if update is not None:
+                updates.setdefault(row.job, []).append(update)
+        self._emit(admission, updates)
+        if admission.open_rows == 0 and not admission.future.done():
+            admission.future.set_result(admission.result())
+
+    def _merge(self, prefill: _Prefill) -> None:
+        """Put a finished prefill's rows into the running batch (rows asking for no tokens end here)."""
+        rows = prefill.rows
+        if not rows or prefill.logits is None:
+            return
+        self._finish_rows(prefill.admission, [row for row in rows if row.max_tokens == 0], "length")
+        keep = [i for i, row in enumerate(rows) if row.max_tokens > 0]
+        if not keep:
+            return
+        kv, mask, logits = cache_tensors(prefill.cache), prefill.mask, prefill.logits
+        if len(keep) < len(rows):
+            index = torch.tensor(keep, device=self.device)
+            kv = [(k[index], v[index]) for k, v in kv]
+            mask, logits = mask[index], logits[index]
         if self._rows:  # both sides padded on the left to a common length, then stacked
             cache, running_mask, running_logits = self._running()
             length = max(mask.shape[1], running_mask.shape[1])
@@ -508,22 +712,8 @@ class Engine:
             logits = torch.cat([running_logits, logits])
         self._cache = DynamicCache(ddp_cache_data=kv)
         self._mask, self._logits = mask, logits
-        self._rows = self._rows + rows
+        self._rows = self._rows + [rows[i] for i in keep]
         self._sampler = None
-
-    def _prefill(self, prompts: list[list[int]]) -> tuple[KV, torch.Tensor, torch.Tensor]:
-        """KV cache, attention mask and next-token logits of `prompts`, their shared head computed once."""
-        shared, head_kv = self._shared_head(prompts)
-        tails = [p[shared:] for p in prompts]
-        enc = self.tokenizer.pad({"input_ids": tails}, padding=True, return_tensors="pt")
-        rows = len(prompts)
-        mask = torch.cat([torch.ones(rows, shared, dtype=torch.long), enc["attention_mask"]], dim=1).to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]  # a token's position: real tokens before it
-        cache = DynamicCache(ddp_cache_data=[(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1))
-                                             for k, v in head_kv]) if shared else DynamicCache()
-        logits = self.model(input_ids=enc["input_ids"].to(self.device), attention_mask=mask, position_ids=positions,
-                            use_cache=True, logits_to_keep=1, **{self._cache_arg: cache}).logits[:, -1]
-        return cache_tensors(cache), mask, logits.float()
 
     def _shared_head(self, prompts: list[list[int]]) -> tuple[int, KV]:
         """How many leading tokens every prompt shares (at least one token of each is left to prefill)
@@ -554,13 +744,14 @@ class Engine:
             self._sampler = RowSampler([r.temperature for r in rows], [r.top_p for r in rows],
                                        [r.generator for r in rows])
         tokens = self._sampler.choose(logits)
+        entries = self._logprobs(rows, logits, tokens)
         updates: dict[int, dict[int, list[RowUpdate]]] = {}
         admissions: dict[int, _Admission] = {}
         now = time.monotonic()
-        for row, token in zip(rows, tokens.tolist(), strict=True):
+        for i, (row, token) in enumerate(zip(rows, tokens.tolist(), strict=True)):
             admission = row.admission
             admissions[id(admission)] = admission
-            update = self._progress.advance(row, token, admission.jobs[row.job].gone(now))
+            update = self._progress.advance(row, token, admission.jobs[row.job].gone(now), entries.get(i))
             if update is not None:
                 updates.setdefault(id(admission), {}).setdefault(row.job, []).append(update)
             if row.finish is not None:
@@ -594,6 +785,19 @@ class Engine:
         self._logits = self.model(input_ids=tokens[:, None].to(self.device), attention_mask=self._mask,
                                   position_ids=positions, use_cache=True,
                                   **{self._cache_arg: cache}).logits[:, -1].float()
+
+    @staticmethod
+    def _logprobs(rows: list[_Row], logits: torch.Tensor, tokens: torch.Tensor) -> dict[int, TokenLogprob]:
+        """The log-prob entry of each chosen token, {row position: entry}, for the rows that ask for them."""
+        asking = [i for i, row in enumerate(rows) if row.top is not None]
+        if not asking:
+            return {}
+        index = torch.tensor(asking)
+        top = max(rows[i].top or 0 for i in asking)
+        chosen, values, ids = token_logprobs(logits[index.to(logits.device)], tokens[index.to(tokens.device)],
+                                             torch.tensor([rows[i].temperature for i in asking]), top)
+        return {i: logprob_entries(tokens[i:i + 1], chosen[k:k + 1], values[k:k + 1], ids[k:k + 1], rows[i].top or 0)[0]
+                for k, i in enumerate(asking)}
 
     @staticmethod
     def _trim(cache: DynamicCache, mask: torch.Tensor) -> torch.Tensor:

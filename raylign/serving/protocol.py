@@ -4,8 +4,9 @@
 Request models are built per server (`request_models`) so that its limits (largest `max_tokens`,
 `n`, number of prompts) are part of the published OpenAPI schema and checked by pydantic. As in
 OpenAI's API, an unknown parameter is an error, not silently ignored; parameters the API has but this
-server does not implement (logprobs, penalties, logit_bias, tools, ...) are accepted at their neutral
-value (the schema says which) and refused with a 400 otherwise. Every rule is in the schema except one
+server does not implement (penalties, logit_bias, suffix, tools, ...) are accepted at their neutral
+value (the schema says which) and refused with a 400 otherwise. Extensions beyond OpenAI's API (as vLLM
+names them): prompts given as token ids, and `stop_token_ids`. Every rule is in the schema except one
 no JSON schema can state: prompt + max_tokens must fit the model's context (in tokens).
 """
 
@@ -19,6 +20,9 @@ from raylign.serving.settings import ServeSettings
 
 MAX_STOP = 4  # stop sequences per request, as in OpenAI's API
 MAX_STOP_CHARS = 200
+MAX_STOP_TOKEN_IDS = 16
+MAX_LOGPROBS = 20  # alternatives per token (OpenAI: top_logprobs <= 20)
+LOGPROB_FLOOR = -9999.0  # a log-prob of -inf (JSON has no infinity) is reported as this, as OpenAI does
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
 
 
@@ -76,12 +80,14 @@ class ChatMessage(BaseModel):
 
 
 NonEmpty = Annotated[str, StringConstraints(min_length=1)]
+TokenId = Annotated[int, Field(ge=0)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 StopText = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
 
 # Parameters of OpenAI's API that this server accepts only at their neutral value (the schema says
 # which); any other value is a 400 saying so.
-UNSUPPORTED = ("presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs", "echo",
-               "suffix", "tools", "tool_choice", "response_format")
+UNSUPPORTED = ("presence_penalty", "frequency_penalty", "logit_bias", "suffix", "tools", "tool_choice",
+               "response_format")
 
 
 class ResponseFormat(BaseModel):
@@ -128,6 +134,9 @@ class _Request(_Strict):
     presence_penalty: float | None = Field(None, ge=0, le=0, description="not supported (0 only)")
     frequency_penalty: float | None = Field(None, ge=0, le=0, description="not supported (0 only)")
     logit_bias: dict[str, float] | None = Field(None, max_length=0, description="not supported (empty only)")
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = Field(
+        None, description=f"extension: up to {MAX_STOP_TOKEN_IDS} token ids that end a choice like EOS does "
+        "(the stopping token is not in the text)")
 
     def stops(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
@@ -137,11 +146,14 @@ class CompletionFields(_Request):
     """The fields of every server's CompletionRequest; `request_models` redeclares prompt, max_tokens
     and n with the server's limits (a redeclared field keeps its place: the schema's order is this one)."""
 
-    prompt: NonEmpty | list[NonEmpty]
+    prompt: NonEmpty | list[NonEmpty] | TokenIds | list[TokenIds]
     max_tokens: int | None = DEFAULT_COMPLETION_TOKENS
     n: int = 1
-    logprobs: int | None = Field(None, ge=0, le=0, description="not supported")
-    echo: Literal[False] | None = Field(None, description="not supported")
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="report each token's log-prob and its "
+                                 "`logprobs` most likely alternatives: log_softmax(logits / T), T = 1 when greedy, "
+                                 "before top_p")
+    echo: bool | None = Field(None, description="put the prompt before the completion (with its tokens' "
+                              "log-probs if `logprobs` is set; the first token has none)")
     suffix: str | None = Field(None, max_length=0, description="not supported")
 
 
@@ -153,24 +165,37 @@ class ChatCompletionFields(_Request):
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     n: int = 1
-    logprobs: Literal[False] | None = Field(None, description="not supported")
-    top_logprobs: int | None = Field(None, ge=0, le=0, description="not supported")
+    logprobs: bool | None = Field(None, description="report each token's log-prob: log_softmax(logits / T), T = 1 "
+                                  "when greedy, before top_p")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="most likely alternatives per token "
+                                     "(used with `logprobs: true` only)")
     response_format: ResponseFormat | None = Field(None, description="text only")
     tools: list[dict[str, Any]] | None = Field(None, max_length=0, description="not supported")
     tool_choice: Literal["none"] | None = Field(None, description="not supported")
     parallel_tool_calls: bool | None = None
 
 
-def request_models(settings: ServeSettings) -> tuple[type[CompletionFields], type[ChatCompletionFields]]:
-    """(CompletionRequest, ChatCompletionRequest) with this server's limits in their schema."""
+def request_models(settings: ServeSettings, vocab_size: int | None = None
+                   ) -> tuple[type[CompletionFields], type[ChatCompletionFields]]:
+    """(CompletionRequest, ChatCompletionRequest) with this server's limits (and its model's vocabulary,
+    for token ids) in their schema."""
     max_tokens_desc = f"tokens to generate, 1..{settings.max_tokens_limit}"
+    bound = vocab_size or None  # token ids are < the vocabulary's size
+    stop_ids_desc = (f"extension: up to {MAX_STOP_TOKEN_IDS} token ids that end a choice like EOS does "
+                     "(the stopping token is not in the text)")
 
     class CompletionRequest(CompletionFields):
-        prompt: NonEmpty | Annotated[list[NonEmpty], Field(min_length=1, max_length=settings.max_prompts)] = Field(
-            description=f"a prompt, or a list of up to {settings.max_prompts}")
-        max_tokens: int | None = Field(DEFAULT_COMPLETION_TOKENS, ge=1, le=settings.max_tokens_limit,
-                                       description=f"{max_tokens_desc}; default {DEFAULT_COMPLETION_TOKENS}")
+        prompt: (NonEmpty | Annotated[list[NonEmpty], Field(min_length=1, max_length=settings.max_prompts)]
+                 | Annotated[list[Annotated[int, Field(ge=0, lt=bound)]], Field(min_length=1)]
+                 | Annotated[list[Annotated[list[Annotated[int, Field(ge=0, lt=bound)]], Field(min_length=1)]],
+                             Field(min_length=1, max_length=settings.max_prompts)]) = Field(
+            description=f"a prompt, or a list of up to {settings.max_prompts}; each a text or a list of token ids")
+        max_tokens: int | None = Field(DEFAULT_COMPLETION_TOKENS, ge=0, le=settings.max_tokens_limit,
+                                       description=f"tokens to generate, 0..{settings.max_tokens_limit} (0 with "
+                                       f"echo and logprobs: score the prompt); default {DEFAULT_COMPLETION_TOKENS}")
         n: int = Field(1, ge=1, le=settings.max_n, description="choices per prompt")
+        stop_token_ids: Annotated[list[Annotated[int, Field(ge=0, lt=bound)]],
+                                  Field(max_length=MAX_STOP_TOKEN_IDS)] | None = Field(None, description=stop_ids_desc)
 
     class ChatCompletionRequest(ChatCompletionFields):
         max_tokens: int | None = Field(None, ge=1, le=settings.max_tokens_limit,
@@ -178,6 +203,8 @@ def request_models(settings: ServeSettings) -> tuple[type[CompletionFields], typ
         max_completion_tokens: int | None = Field(None, ge=1, le=settings.max_tokens_limit,
                                                   description="the newer name of max_tokens; wins if both are given")
         n: int = Field(1, ge=1, le=settings.max_n, description="choices")
+        stop_token_ids: Annotated[list[Annotated[int, Field(ge=0, lt=bound)]],
+                                  Field(max_length=MAX_STOP_TOKEN_IDS)] | None = Field(None, description=stop_ids_desc)
 
     return CompletionRequest, ChatCompletionRequest
 
@@ -187,10 +214,38 @@ def request_models(settings: ServeSettings) -> tuple[type[CompletionFields], typ
 FinishReason = Literal["stop", "length"]
 
 
+class CompletionLogprobs(BaseModel):
+    """OpenAI's (legacy) completions log-probs: per token its text, log-prob (None for an echoed
+    prompt's first token), most likely alternatives {text: log-prob}, and offset in the choice's text."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None
+    refusal: list[ChatTokenLogprob] | None = None
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason
 
 
@@ -211,7 +266,7 @@ class AssistantMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason
 
 
@@ -227,7 +282,7 @@ class ChatCompletionResponse(BaseModel):
 class CompletionChunkChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason | None = None
 
 
@@ -250,7 +305,7 @@ class Delta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int
     delta: Delta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason | None = None
 
 

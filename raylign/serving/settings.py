@@ -50,6 +50,9 @@ class ServeSettings(BaseModel):
     # batching
     max_batch_size: int = Field(32, ge=1, le=4096, description="rows (prompts x n) per forward pass")
     batch_wait_ms: float = Field(10.0, ge=0, le=10_000, description="how long a batch waits to fill up")
+    prefill_chunk_tokens: int = Field(256, ge=0, description="while rows are decoding, a new prompt longer than "
+                                      "this is prefilled this many tokens per decode step, so running streams "
+                                      "keep going (chunked prefill); 0: every prompt at once")
     # limits
     max_tokens_limit: int = Field(512, ge=1, description="largest max_tokens a request may ask for")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens of a chat request that names none")

@@ -626,9 +626,9 @@ def test_requests_gone_while_waiting_for_admission_are_never_prefilled(engine, m
     prefilled = []
     original = Engine._prefill
 
-    def spy(self, prompts):
+    def spy(self, prompts, *args, **kwargs):
         prefilled.append([list(p) for p in prompts])
-        return original(self, prompts)
+        return original(self, prompts, *args, **kwargs)
 
     monkeypatch.setattr(Engine, "_prefill", spy)
     live_prompt, gone_prompt = engine.encode_text("Still here"), engine.encode_text("Long gone")
