@@ -30,6 +30,21 @@ threads sleep on both sides, which keeps 2-thread torch usable while another pro
     python bench/dpo_vs_trl.py                       # 512 pairs, 40 steps of 16 pairs, 128 tokens
     python bench/dpo_vs_trl.py --repeat 3 --json out.json
     python bench/dpo_vs_trl.py --steps 80 --seq-len 256 --batch-size 8 --pairs 1024
+    RAYLIGN_HOME=/tmp/qs-home python bench/dpo_vs_trl.py --model builtin:smollm2-135m-instruct \
+        --steps 6 --batch-size 8 --lr 1e-5 [--lora]            # real-model scale
+
+`--model` takes a raylign model name or a local HF directory (default tiny:llama). `--lora` trains
+LoRA adapters of rank 16 (alpha 32, dropout 0) on every linear layer but the LM head on both sides
+(raylign `model.lora.*`, TRL `peft_config=peft.LoraConfig(target_modules="all-linear")`); the
+reference is then the model with its adapters off, on both sides.
+
+Model FLOPs utilisation of the learner step is printed per side against the float32 matmul peak that
+`bench/peak.py` measures at the start of this run (at the model's shapes, `--peak-tokens` rows,
+`--threads` threads): FLOPs per token 6N for full fine-tuning (Kaplan et al. 2020 sec. 2.1; PaLM's MFU,
+Chowdhery et al. 2022 appendix B), 4N + 6N_lora with LoRA (no weight gradients for the frozen
+weights), plus PaLM's attention term, over the real tokens of the chosen and rejected sequences
+(raylign: `perf/tokens_per_second` x `perf/step_seconds`; TRL: the `attention_mask` its
+`compute_loss` receives in training). The formula is `peak.train_flops_per_token`.
 """
 
 from __future__ import annotations
@@ -52,11 +67,16 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import peak  # noqa: E402
 from _common import alternate_runs, endpoints_agree, step_timer, tail_mean  # noqa: E402
 
 from raylign.rundir import METRICS_FILE  # noqa: E402
 
 MODEL = "tiny:llama"
+LORA_RANK = 16
+# LoRA r=16 on every linear layer but the LM head (peft's "all-linear"), alpha 32, no dropout: both sides.
+LORA_OVERRIDES = ["model.lora.r=16", "model.lora.alpha=32", "model.lora.dropout=0.0",
+                  "model.lora.target_modules=all-linear"]
 
 # ---- data ----------------------------------------------------------------------------------------
 # Words the tiny tokenizer was trained on (raylign/models/tiny.py), so a word is about two tokens.
@@ -123,6 +143,7 @@ class Result:
     step_s: list[float]  # per-step times as each side measures them
     losses: list[float]
     setup_s: float  # everything else: start-up, model load, tokenization, reference pass, save
+    train_tokens: float = 0.0  # real tokens (chosen + rejected sequences) trained inside the window
     load: float = dataclasses.field(default_factory=lambda: os.getloadavg()[0])  # 1-min load avg at the end
 
     @property
@@ -140,7 +161,8 @@ class Result:
 # ---- raylign -------------------------------------------------------------------------------------
 
 
-def run_raylign(args: argparse.Namespace, data_path: Path, workdir: Path, name: str) -> tuple[Result, Path]:
+def run_raylign(args: argparse.Namespace, data_path: Path, model_dir: str, workdir: Path, name: str
+                ) -> tuple[Result, Path]:
     import ray
     from rich.console import Console
 
@@ -149,7 +171,8 @@ def run_raylign(args: argparse.Namespace, data_path: Path, workdir: Path, name: 
 
     overrides = [
         f"seed={args.seed}", "progress=false",
-        f"model.path={MODEL}", "model.lora=null", "model.dtype=float32", "model.gradient_checkpointing=false",
+        f"model.path={model_dir}", "model.lora=null", "model.dtype=float32", "model.gradient_checkpointing=false",
+        *(LORA_OVERRIDES if args.lora else []),
         "data.kind=pairs", f"data.train={data_path}", "data.val_fraction=0", "data.apply_chat_template=false",
         f"data.max_prompt_length={args.seq_len}", f"data.max_length={args.seq_len}",
         f"preference.beta={args.beta}", "preference.loss_type=sigmoid", "preference.precompute_ref_logps=true",
@@ -177,7 +200,8 @@ def run_raylign(args: argparse.Namespace, data_path: Path, workdir: Path, name: 
     step_s = [r["perf/step_seconds"] for r in rows]
     window = rows[-1]["time"] - (rows[0]["time"] - step_s[0])
     res = Result("raylign", args.steps, args.steps * args.batch_size, window, step_s,
-                 [r["train/loss"] for r in rows], total - window)
+                 [r["train/loss"] for r in rows], total - window,
+                 sum(r["perf/tokens_per_second"] * r["perf/step_seconds"] for r in rows))
     return res, run_dir
 
 
@@ -189,6 +213,16 @@ def run_trl(args: argparse.Namespace, rows: list[dict[str, str]], model_dir: str
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
     from trl import DPOConfig, DPOTrainer
+
+    class CountingDPOTrainer(DPOTrainer):
+        """DPOTrainer counting the real tokens of the batches it trains on (behaviour unchanged)."""
+
+        train_tokens = 0.0
+
+        def compute_loss(self, model, inputs, *a, **kw):
+            if model.training:  # not the reference pass
+                CountingDPOTrainer.train_tokens += float(inputs["attention_mask"].sum())
+            return super().compute_loss(model, inputs, *a, **kw)
 
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
@@ -210,8 +244,14 @@ def run_trl(args: argparse.Namespace, rows: list[dict[str, str]], model_dir: str
     fields = {f.name for f in dataclasses.fields(DPOConfig)}
     settings["activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"] = False
     timer = step_timer("loss")
-    trainer = DPOTrainer(model=model, args=DPOConfig(**settings), train_dataset=Dataset.from_list(rows),
-                         processing_class=tokenizer, callbacks=[timer])
+    peft_config = None
+    if args.lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=LORA_RANK, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
+                                 task_type="CAUSAL_LM")
+    trainer = CountingDPOTrainer(model=model, args=DPOConfig(**settings), train_dataset=Dataset.from_list(rows),
+                                 processing_class=tokenizer, callbacks=[timer], peft_config=peft_config)
     trainer.remove_callback(PrinterCallback)  # no per-step dict printing; raylign prints none either
     trainer.train()
     total = time.perf_counter() - start
@@ -220,7 +260,8 @@ def run_trl(args: argparse.Namespace, rows: list[dict[str, str]], model_dir: str
                            f"expected {args.steps}")
     window = timer.end[-1] - timer.begin[0]
     step_s = [e - b for b, e in zip(timer.begin, timer.end, strict=True)]
-    res = Result("TRL", args.steps, args.steps * args.batch_size, window, step_s, timer.values, total - window)
+    res = Result("TRL", args.steps, args.steps * args.batch_size, window, step_s, timer.values, total - window,
+                 CountingDPOTrainer.train_tokens)
     return res, trainer
 
 
@@ -269,6 +310,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default=MODEL, help="model on both sides (a raylign name or a local HF directory)")
+    p.add_argument("--lora", action="store_true", help=f"LoRA r={LORA_RANK} on all linear layers (peft) on both sides")
+    p.add_argument("--peak-tokens", type=int, default=512,
+                   help="rows of the matmuls bench/peak.py times for the MFU's peak (0: skip the MFU)")
     p.add_argument("--threads", type=int, default=2,
                    help="raylign: Ray CPUs and cpus_per_learner (= learner torch threads); TRL: torch threads")
     p.add_argument("--repeat", type=int, default=1,
@@ -282,7 +327,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workdir", help="where data and runs go (default: a fresh temp dir)")
     p.add_argument("--json", help="also write the results to this JSON file")
     args = p.parse_args(argv)
-    if args.seq_len > 512:
+    if args.seq_len > 512 and args.model == MODEL:
         p.error("--seq-len: tiny:llama has 512 positions")
     if args.repeat < 1:
         p.error("--repeat must be >= 1")
@@ -298,6 +343,20 @@ def describe(r: Result) -> str:
             f"final loss {loss:.4f} ± {sd:.4f} (first {r.losses[0]:.4f})")
 
 
+def measure_peak(args: argparse.Namespace, model_dir: str) -> dict[str, Any] | None:
+    """bench/peak.py's float32 matmul peak at the model's shapes, now, in this run."""
+    if not args.peak_tokens:
+        return None
+    import torch
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    res = peak.peak_flops(torch.float32, peak.model_shapes(config, args.peak_tokens), threads=args.threads)
+    print(f"machine peak (bench/peak.py, float32, {args.threads} threads, {args.peak_tokens}-row matmuls at "
+          f"{args.model}'s shapes): {res['gflops']:.3g} GFLOP/s; load avg {os.getloadavg()[0]:.1f}", flush=True)
+    return {"config": config, "gflops": res["gflops"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.omp_passive:  # before torch (and its OpenMP runtime) is loaded here or in any Ray worker
@@ -307,36 +366,46 @@ def main(argv: list[str] | None = None) -> int:
     load_at_start = os.getloadavg()[0]
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="raylign-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    model_dir = pull_model(MODEL)
+    model_dir = pull_model(args.model)
     rows = make_pairs(args.pairs, args.seq_len, args.seed)
     data_path = workdir / "pairs.jsonl"
     write_jsonl(data_path, rows)
-    print(f"{MODEL} at {model_dir}; {args.pairs} pairs in {data_path}; {args.steps} steps x {args.batch_size} "
+    print(f"{args.model} at {model_dir}{' (LoRA r=16, all linear layers)' if args.lora else ''}; {args.pairs} pairs in {data_path}; {args.steps} steps x {args.batch_size} "
           f"pairs, max {args.seq_len} tokens, beta {args.beta}, lr {args.lr}, {args.threads} threads, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'default')}", flush=True)
 
+    peak_res = measure_peak(args, model_dir)
     sides = [s for s in ("raylign", "trl") if args.only in (None, s)]
     raylign_dir = trainer = None
 
     def run_side(side: str, r: int) -> Result:
         nonlocal raylign_dir, trainer
         if side == "raylign":
-            res, raylign_dir = run_raylign(args, data_path, workdir, f"raylign-{r}")
+            res, raylign_dir = run_raylign(args, data_path, model_dir, workdir, f"raylign-{r}")
         else:
             res, trainer = run_trl(args, rows, model_dir, workdir, f"trl-{r}")
         return res
 
     runs, results = alternate_runs(sides, args.repeat, run_side, describe, lambda res: res.pairs_per_s)
+    mfus: dict[str, Any] = {}
+    for r in results:
+        if peak_res and r.train_tokens:
+            # the learner step is the whole window here (the reference pass is precomputed outside it)
+            mfus[r.name] = peak.learner_mfu(peak_res["config"], LORA_RANK if args.lora else None, r.train_tokens,
+                                            2 * r.pairs, r.window_s, peak_res["gflops"])
+            print(peak.mfu_line(r.name, mfus[r.name]))
 
     report: dict[str, Any] = {
         "settings": {k: getattr(args, k) for k in ("steps", "batch_size", "seq_len", "pairs", "lr", "beta",
-                                                   "seed", "threads", "repeat")}
-        | {"omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "load_avg_at_start": load_at_start},
+                                                   "seed", "threads", "repeat", "model", "lora")}
+        | {"omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "load_avg_at_start": load_at_start,
+           "peak_gflops": peak_res["gflops"] if peak_res else None},
         "results": {r.name: {"pairs_per_s": r.pairs_per_s, "window_s": r.window_s, "median_step_s": r.median_step_s,
                              "final_loss": r.final_loss()[0], "final_loss_sd": r.final_loss()[1],
                              "losses": r.losses, "step_s": r.step_s,
                              "all_runs_pairs_per_s": [x.pairs_per_s for x in runs[s]],
-                             "all_runs_load": [x.load for x in runs[s]]}
+                             "all_runs_load": [x.load for x in runs[s]], "train_tokens": r.train_tokens,
+                             "learner_mfu": mfus.get(r.name)}
                     for r, s in zip(results, sides, strict=True)},
     }
     if trainer is not None:

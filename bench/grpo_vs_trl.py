@@ -59,6 +59,24 @@ threads sleep on both sides.
     python bench/grpo_vs_trl.py --repeat 3 --json grpo.json
     python bench/grpo_vs_trl.py --only raylign         # one side, e.g. under py-spy
     python bench/grpo_vs_trl.py --raylign-set resources.rollout_workers=2   # try a raylign setting
+    RAYLIGN_HOME=/tmp/qs-home python bench/grpo_vs_trl.py --model builtin:smollm2-135m-instruct \
+        --steps 6 --max-new-tokens 24 --lr 1e-5 [--lora]       # real-model scale (quickstart lengths)
+
+`--model` takes a raylign model name (`builtin:smollm2-135m-instruct`) or a local HF directory.
+`--lora` trains LoRA adapters of rank 16 (alpha 32, dropout 0) on every linear layer but the LM head
+on both sides (raylign `model.lora.*`, TRL `peft_config=peft.LoraConfig(target_modules="all-linear")`),
+and the reference is the model with its adapters switched off on both.
+
+Model FLOPs utilisation of the learner step (the policy's forward + backward + optimizer step on the
+sampled batch; generation excluded) is printed per side: FLOPs per trained token ÷ the matmul peak that
+`bench/peak.py` measures at the start of this run, at the model's shapes for `--peak-tokens` rows
+in float32 with `--threads` threads. FLOPs per token: 6N for full fine-tuning (forward 2N, backward
+4N; Kaplan et al. 2020 sec. 2.1, PaLM's MFU definition, Chowdhery et al. 2022 appendix B), with LoRA
+4N + 6N_lora (forward 2N + 2N_lora; backward 2N through the frozen weights, activation gradients only,
++ 4N_lora for the adapters), N = the linear weights incl. the LM head, plus PaLM's attention term
+12·L·H·Q·T at the mean sequence length; tokens = the real (unpadded) prompt + completion tokens
+trained (raylign: `perf/train_tokens_per_second` x `perf/train_seconds`; TRL: the prompt and
+completion masks its `compute_loss` receives). See `peak.train_flops_per_token`.
 """
 
 from __future__ import annotations
@@ -80,6 +98,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import peak  # noqa: E402
 from _common import alternate_runs, endpoints_agree, step_timer, tail_mean  # noqa: E402
 
 from raylign.rundir import METRICS_FILE  # noqa: E402
@@ -159,6 +178,7 @@ class Result:
     rewards: list[float]  # mean reward of each step's completions
     split_s: dict[str, float]  # summed seconds per phase over the steps (generate, score+ref, train)
     setup_s: float  # everything else: start-up, model load, data, final save
+    train_tokens: float = 0.0  # real prompt + completion tokens the learner trained on, over the window
     load: float = dataclasses.field(default_factory=lambda: os.getloadavg()[0])  # 1-min load avg at the end
 
     @property
@@ -181,6 +201,16 @@ class Result:
 # reference log-probs, so the learner's core only trains; the two run at once, each on half the cores.
 # sequential: generation, scoring and training one after the other, each with every core.
 MODES = {"overlap": ["rollout.overlap=true", "rollout.reference_on_workers=true"], "sequential": []}
+LORA_RANK = 16
+# LoRA r=16 on every linear layer but the LM head (peft's "all-linear"), alpha 32, no dropout: both sides.
+LORA_OVERRIDES = ["model.lora.r=16", "model.lora.alpha=32", "model.lora.dropout=0.0",
+                  "model.lora.target_modules=all-linear"]
+
+
+def trl_lora_config() -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(r=LORA_RANK, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
 
 
 def raylign_threads(args: argparse.Namespace) -> int:
@@ -201,6 +231,7 @@ def run_raylign(args: argparse.Namespace, data_path: Path, model_dir: str, workd
     overrides = [
         f"seed={args.seed}", "progress=false",
         f"model.path={model_dir}", "model.lora=null", "model.dtype=float32", "model.gradient_checkpointing=false",
+        *(LORA_OVERRIDES if args.lora else []),
         "data.kind=prompts", f"data.train={data_path}", "data.val_fraction=0", "data.apply_chat_template=true",
         f"data.max_prompt_length={args.max_prompt_tokens}",
         f"reward.sources=[{{source: '{REWARD_SPEC}', weight: 1.0}}]",
@@ -247,8 +278,9 @@ def run_raylign(args: argparse.Namespace, data_path: Path, model_dir: str, workd
              "train": sum(r["perf/train_seconds"] for r in rows)}
     if sum(r["rollout/completions"] for r in rows) != args.steps * per_step:
         raise RuntimeError("raylign trained on a different number of completions than expected")
+    train_tokens = sum(r["perf/train_tokens_per_second"] * r["perf/train_seconds"] for r in rows)
     return Result("raylign", args.steps, args.steps * per_step, window, step_s,
-                  [r["reward/mean"] for r in rows], split, total - window)
+                  [r["reward/mean"] for r in rows], split, total - window, train_tokens)
 
 
 # ---- TRL -----------------------------------------------------------------------------------------
@@ -265,6 +297,12 @@ def run_trl(args: argparse.Namespace, prompts: list[str], order: list[int], mode
         """GRPOTrainer with two timers around its own methods (behaviour unchanged)."""
 
         seconds = {"generate": 0.0, "generate+score+ref": 0.0}
+        train_tokens = 0.0
+
+        def compute_loss(self, model, inputs, *a, **kw):
+            # the real tokens of the batch the policy is trained on (prompt + completion masks)
+            TimedGRPOTrainer.train_tokens += float(inputs["prompt_mask"].sum() + inputs["completion_mask"].sum())
+            return super().compute_loss(model, inputs, *a, **kw)
 
         def _generate_single_turn(self, *a, **kw):
             t0 = time.perf_counter()
@@ -281,6 +319,7 @@ def run_trl(args: argparse.Namespace, prompts: list[str], order: list[int], mode
                 self.seconds["generate+score+ref"] += time.perf_counter() - t0
 
     TimedGRPOTrainer.seconds = {"generate": 0.0, "generate+score+ref": 0.0}
+    TimedGRPOTrainer.train_tokens = 0.0
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -309,7 +348,8 @@ def run_trl(args: argparse.Namespace, prompts: list[str], order: list[int], mode
     settings["activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"] = False
     timer = step_timer("reward")
     trainer = TimedGRPOTrainer(model=model, reward_funcs=[letter_reward], args=GRPOConfig(**settings),
-                               train_dataset=dataset, processing_class=tokenizer, callbacks=[timer])
+                               train_dataset=dataset, processing_class=tokenizer, callbacks=[timer],
+                               peft_config=trl_lora_config() if args.lora else None)
     trainer.remove_callback(PrinterCallback)  # no per-step dict printing; raylign prints none either
     trainer.train()
     total = time.perf_counter() - start
@@ -321,7 +361,8 @@ def run_trl(args: argparse.Namespace, prompts: list[str], order: list[int], mode
     sec = TimedGRPOTrainer.seconds
     split = {"generate": sec["generate"], "score+ref": sec["generate+score+ref"] - sec["generate"],
              "train": sum(step_s) - sec["generate+score+ref"]}
-    return Result("TRL", args.steps, args.steps * per_step, window, step_s, timer.values, split, total - window)
+    return Result("TRL", args.steps, args.steps * per_step, window, step_s, timer.values, split, total - window,
+                  TimedGRPOTrainer.train_tokens)
 
 
 # ---- main ----------------------------------------------------------------------------------------
@@ -342,6 +383,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epsilon", type=float, default=0.2, help="clip range of the surrogate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default=MODEL, help="model on both sides (a raylign name or a local HF directory)")
+    p.add_argument("--lora", action="store_true", help=f"LoRA r={LORA_RANK} on all linear layers (peft) on both sides")
+    p.add_argument("--peak-tokens", type=int, default=512,
+                   help="rows of the matmuls bench/peak.py times for the MFU's peak (0: skip the MFU)")
     p.add_argument("--threads", type=int, default=2,
                    help="raylign: Ray CPUs and torch threads of its rollout worker and learner; TRL: torch threads")
     p.add_argument("--repeat", type=int, default=1,
@@ -423,14 +467,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"same work: prompt token ids identical on both sides = {mismatched == 0}"
           + (f" ({mismatched} of {len(prompts)} differ)" if mismatched else ""), flush=True)
 
+    args.peak = measure_peak(args, model_dir)
     sides = [s for s in ("raylign", "trl") if args.only in (None, s)]
     first_seed = args.seed
     report: dict[str, Any] = {
         "settings": {k: getattr(args, k) for k in ("steps", "prompts_per_step", "group_size", "max_new_tokens",
                                                    "max_prompt_tokens", "lr", "beta", "epsilon", "seed", "seeds",
-                                                   "model", "threads", "repeat", "raylign_mode", "raylign_set")}
+                                                   "model", "lora", "threads", "repeat", "raylign_mode", "raylign_set")}
         | {"raylign_threads": raylign_threads(args), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-           "load_avg_at_start": load_at_start, "prompts": len(prompts), "prompt_token_mismatches": mismatched},
+           "load_avg_at_start": load_at_start, "prompts": len(prompts), "prompt_token_mismatches": mismatched,
+           "peak": args.peak},
         "seeds": {},
     }
     for seed in range(first_seed, first_seed + args.seeds):
@@ -442,8 +488,32 @@ def main(argv: list[str] | None = None) -> int:
     if len(sides) == 2 and args.seeds > 1:
         report["summary"] = summarize_seeds(report["seeds"])
     if args.json:
+        if report["settings"]["peak"]:
+            report["settings"]["peak"] = {k: v for k, v in report["settings"]["peak"].items() if k != "config"}
         Path(args.json).write_text(json.dumps(report, indent=2))
     return 0
+
+
+def measure_peak(args: argparse.Namespace, model_dir: str) -> dict[str, Any] | None:
+    """bench/peak.py's float32 matmul peak at the model's shapes and its memory bandwidth, now, in this run."""
+    if not args.peak_tokens:
+        return None
+    import torch
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    res = peak.peak_flops(torch.float32, peak.model_shapes(config, args.peak_tokens), threads=args.threads)
+    print(f"machine peak (bench/peak.py, float32, {args.threads} threads, {args.peak_tokens}-row matmuls at "
+          f"{args.model}'s shapes): {res['gflops']:.3g} GFLOP/s; load avg {os.getloadavg()[0]:.1f}", flush=True)
+    return {"config": config, "gflops": res["gflops"], "per_shape_gflops": res["per_shape_gflops"]}
+
+
+def learner_mfu(args: argparse.Namespace, r: Result) -> dict[str, float] | None:
+    """The MFU of `r`'s learner steps (train tokens over the summed train seconds) against the run's peak."""
+    if not args.peak or not r.train_tokens or not r.split_s.get("train"):
+        return None
+    return peak.learner_mfu(args.peak["config"], LORA_RANK if args.lora else None, r.train_tokens,
+                            r.completions, r.split_s["train"], args.peak["gflops"])
 
 
 def compare_seed(args: argparse.Namespace, sides: list[str], prompts: list[str], data_path: Path, model_dir: str,
@@ -457,6 +527,10 @@ def compare_seed(args: argparse.Namespace, sides: list[str], prompts: list[str],
         return run_trl(args, prompts, order, model_dir, workdir, f"trl-{args.seed}-{r}")
 
     runs, results = alternate_runs(sides, args.repeat, run_side, describe, lambda res: res.samples_per_s)
+    mfus = {r.name: learner_mfu(args, r) for r in results}
+    for name, m in mfus.items():
+        if m:
+            print(peak.mfu_line(name, m))
     print("reward mean per step (same prompts at every step on both sides):")
     print(reward_table(results, max(1, args.steps // 10)))
     report: dict[str, Any] = {
@@ -465,7 +539,8 @@ def compare_seed(args: argparse.Namespace, sides: list[str], prompts: list[str],
                              "final_reward": r.final_reward()[0], "final_reward_sd": r.final_reward()[1],
                              "rewards": r.rewards, "step_s": r.step_s,
                              "all_runs_samples_per_s": [x.samples_per_s for x in runs[s]],
-                             "all_runs_load": [x.load for x in runs[s]]}
+                             "all_runs_load": [x.load for x in runs[s]], "train_tokens": r.train_tokens,
+                             "learner_mfu": mfus[r.name]}
                     for r, s in zip(results, sides, strict=True)},
     }
     if len(results) == 2:
