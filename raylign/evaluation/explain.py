@@ -59,10 +59,6 @@ if TYPE_CHECKING:
 ERASER_FRACTIONS = (0.01, 0.05, 0.1, 0.2, 0.5)  # DeYoung et al. 2020, the AOPC bins of comprehensiveness
 CAPTUM_HINT = "pip install 'raylign[explain]' (captum; with -c constraints-cpu.txt on a CPU machine)"
 ScorerKind = Literal["reward", "discriminator", "rating", "dpo"]
-# Positive attributions (raise the score) and negative ones: Okabe–Ito blue and orange, distinguishable
-# with every common colour-vision deficiency.
-POSITIVE_RGB = (0, 114, 178)
-NEGATIVE_RGB = (230, 159, 0)
 
 
 def require_captum() -> None:
@@ -613,6 +609,8 @@ def plot_top_words(path: Path, words: Sequence[dict[str, Any]], title: str) -> P
 
     fig, ax = plt.subplots(figsize=(6.4, max(2.4, 0.32 * len(words) + 1.2)), dpi=100)
     values = [w["mean"] for w in words][::-1]
+    from raylign.evaluation.explain_html import NEGATIVE_RGB, POSITIVE_RGB  # the page's colours
+
     colours = [tuple(c / 255 for c in (POSITIVE_RGB if v >= 0 else NEGATIVE_RGB)) for v in values]
     ax.barh(range(len(values)), values, color=colours)
     ax.set_yticks(range(len(values)), [w["word"][:24] for w in words][::-1], fontsize=8)

@@ -12,13 +12,27 @@ goes through Jinja2's autoescape: a token like `<script>` is shown as text, neve
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from jinja2 import Environment
 
-if TYPE_CHECKING:
-    from raylign.evaluation.explain import Explanation
 
+class Explanation(Protocol):
+    """What the page reads of a `raylign.evaluation.explain.Explanation` (that module imports this one)."""
+
+    score: float
+    baseline_score: float
+    delta: float
+    steps: int
+    prompt: Any
+    meta: dict[str, Any]
+
+    def words(self) -> list[dict[str, Any]]: ...
+
+# Positive attributions (raise the score) and negative ones: Okabe–Ito blue and orange, distinguishable
+# with every common colour-vision deficiency.
+POSITIVE_RGB = (0, 114, 178)
+NEGATIVE_RGB = (230, 159, 0)
 MAX_ALPHA = 0.85  # the strongest shade still leaves black text readable
 
 PAGE = """<!doctype html>
@@ -76,8 +90,6 @@ sum its tokens'). Σ attributions = score − baseline score up to δ.</p>
 
 def shade(value: float, scale: float) -> str:
     """CSS colour of an attribution: blue (raises) or orange (lowers), opacity |value| / scale."""
-    from raylign.evaluation.explain import NEGATIVE_RGB, POSITIVE_RGB
-
     r, g, b = POSITIVE_RGB if value >= 0 else NEGATIVE_RGB
     alpha = 0.0 if scale <= 0 else min(1.0, abs(value) / scale) * MAX_ALPHA
     return f"rgba({r}, {g}, {b}, {alpha:.3f})"
