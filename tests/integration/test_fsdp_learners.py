@@ -118,6 +118,27 @@ def test_two_fsdp_learners_match_one_learner_each_holding_half(tmp_path, pairs_f
     half = (held["parameters"] + held["optimizer_state"]) / 2
     for mem in per_rank:
         assert abs(mem["parameters"] + mem["optimizer_state"] - half) <= 0.1 * half
+    # docs/SCALING.md's figures for tiny:llama are these bytes: DDP for the plain learner, FSDP2 over 2
+    # shards for each rank (both without AdamW's 4-byte step counter per tensor, which the table leaves out).
+    table = _scaling_table()
+    counters = plain_bytes["optimizer_state"] - 2 * plain_bytes["parameters"]
+    assert counters == 4 * len(initial)
+    assert plain_bytes["total"] - counters == table.ddp_bytes(table.SHAPES["tiny:llama"], "fp32")
+    for mem in per_rank:
+        assert mem["total"] - counters == table.fsdp_bytes(table.SHAPES["tiny:llama"], "fp32", 2)
+
+
+def _scaling_table():
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[2] / "docs" / "scaling_table.py"
+    spec = importlib.util.spec_from_file_location("scaling_table", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_fsdp_checkpoint_moves_between_two_and_one_learners(tmp_path, pairs_file):
