@@ -22,18 +22,6 @@ console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors a user can fix: printed as one line, never as a traceback."""
-    from raylign.config import ConfigError
-    from raylign.data import DataError
-    from raylign.models import ModelNotFoundError
-    from raylign.rewards import RewardSourceError
-    from raylign.runtime import ResourceError, RunStopped
-
-    return (ConfigError, DataError, ModelNotFoundError, RewardSourceError, ResourceError, RunStopped,
-            FileNotFoundError)
-
-
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised in the main thread like Ctrl-C so the same clean-up runs (exit 143)."""
 
@@ -240,7 +228,13 @@ def eval_settings(args: argparse.Namespace) -> EvalSettings:
 def cmd_eval(args: argparse.Namespace) -> None:
     from raylign.evaluation.runner import run_eval
 
-    run_eval(eval_settings(args), console=console)
+    settings = eval_settings(args)
+    human = None
+    if settings.human:
+        from raylign.annotation.export import human_majority
+
+        human = human_majority(settings.human)
+    run_eval(settings, console=console, human=human)
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -516,7 +510,9 @@ def main(argv: list[str] | None = None) -> int:
         err_console.print(f"[yellow]{'terminated' if terminated else 'interrupted'}[/yellow]")
         return 143 if terminated else 130
     except Exception as exc:  # noqa: BLE001 - user errors become one line, the rest re-raise
-        if isinstance(exc, _user_errors()):
+        from raylign.errors import UserError
+
+        if isinstance(exc, (UserError, FileNotFoundError)):
             err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False)
             return 2
         raise

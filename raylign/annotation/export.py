@@ -204,3 +204,20 @@ def export(store: Store, kind: str, out: str, aggregate: str = "majority", inclu
     path.parent.mkdir(parents=True, exist_ok=True)
     write_jsonl_atomic(rows, path)
     return {"kind": kind, "aggregate": agg, "rows": len(rows), "dropped": dict(dropped), "out": str(path)}
+
+
+def human_majority(db: str) -> dict[str, Any]:
+    """The majority pairs of an annotations database, as `export --kind pairs` writes them (`pair_rows`:
+    gold items left out; an item whose most frequent answer is tie, or with two answers equally
+    frequent, or only skips, gives none): {rows, dropped}, what `raylign eval --human DB` scores. A
+    database without any such item is one clear error."""
+    store = Store(db, create=False)
+    try:
+        rows, dropped = pair_rows(store, "majority")
+    finally:
+        store.close()
+    if not rows:
+        why = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in sorted(dropped.items())) or "no pairwise items"
+        raise AnnotationError(f"--human {db}: no pairwise or human-vs-model item has a majority answer yet ({why}); "
+                              "nothing to compare the scorer with")
+    return {"rows": rows, "dropped": dict(dropped)}

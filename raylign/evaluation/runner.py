@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
+from raylign.config import ConfigError
 from raylign.evaluation import metrics
 from raylign.evaluation.report import bar_plot, histogram
 from raylign.evaluation.scorers import score_in_chunks
@@ -66,7 +67,7 @@ def load_references(path: str, limit: int | None = None) -> list[dict[str, Any]]
                     f"as '{kind}' data")
 
 
-def _load_inputs(settings: EvalSettings) -> dict[str, Any]:
+def _load_inputs(settings: EvalSettings, human: dict[str, Any] | None = None) -> dict[str, Any]:
     from raylign.data import load_dataset, rows
     from raylign.evaluation.bias import load_bias_sets
 
@@ -83,29 +84,11 @@ def _load_inputs(settings: EvalSettings) -> dict[str, Any]:
     if s.references:
         loaded["references"] = load_references(s.references, s.limit)
     if s.human:
-        loaded["human"] = load_human_majority(s.human, s.limit)
+        if human is None:
+            raise ConfigError(f"--human {s.human}: pass its majority pairs to run_eval(human=...) "
+                              "(raylign.annotation.export.human_majority reads them; `raylign eval` does)")
+        loaded["human"] = {**human, "rows": human["rows"][:s.limit] if s.limit else human["rows"]}
     return loaded
-
-
-def load_human_majority(db: str, limit: int | None = None) -> dict[str, Any]:
-    """The majority pairs of an annotations database, as `raylign annotate export --kind pairs` writes them
-    (`raylign.annotation.export.pair_rows`: gold items left out; an item whose most frequent answer is
-    tie, or with two answers equally frequent, or only skips, gives none): {rows, dropped}. A database
-    without any such item is one clear error."""
-    from raylign.annotation.errors import AnnotationError
-    from raylign.annotation.export import pair_rows
-    from raylign.annotation.store import Store
-
-    store = Store(db, create=False)
-    try:
-        rows, dropped = pair_rows(store, "majority")
-    finally:
-        store.close()
-    if not rows:
-        why = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in sorted(dropped.items())) or "no pairwise items"
-        raise AnnotationError(f"--human {db}: no pairwise or human-vs-model item has a majority answer yet ({why}); "
-                              "nothing to compare the scorer with")
-    return {"rows": rows[:limit] if limit else rows, "dropped": dict(dropped)}
 
 
 @dataclass
@@ -129,10 +112,10 @@ class EvalPlan:
     curves: CheckpointCurves | None = None  # with --checkpoints
 
 
-def plan_eval(settings: EvalSettings) -> EvalPlan:
+def plan_eval(settings: EvalSettings, human: dict[str, Any] | None = None) -> EvalPlan:
     """Resolve the models, load the inputs and build the reward sources; fails (one message) on anything
-    a user can get wrong: a run without checkpoints, a bad file or column, an unknown model or reward."""
-    from raylign.config import ConfigError
+    a user can get wrong: a run without checkpoints, a bad file or column, an unknown model or reward.
+    `human`: the majority pairs of the `--human` database ({rows, dropped}), read by the caller."""
     from raylign.evaluation.scorers import resolve_model_or_run
     from raylign.models import resolve_model_path
     from raylign.rewards import build_reward_source
@@ -150,7 +133,7 @@ def plan_eval(settings: EvalSettings) -> EvalPlan:
     else:
         path, base = resolve_model_or_run(s.model)
     reference = s.reference or (base if (s.scorer == "dpo" or ckpts is not None) else None)
-    inputs = _load_inputs(s)
+    inputs = _load_inputs(s, human)
     judge = build_reward_source(s.judge) if ((s.prompts and ckpts is None) or s.bias_generate) else None
     plan = EvalPlan(path=path, reference=reference, inputs=inputs, judge=judge)
     if ckpts is not None:
@@ -173,14 +156,18 @@ def plan_eval(settings: EvalSettings) -> EvalPlan:
     return plan
 
 
-def run_eval(settings: EvalSettings, console: Console | None = None) -> dict[str, Any]:
-    """Run the sections whose inputs are given (module docstring); returns the eval.json content."""
+def run_eval(settings: EvalSettings, console: Console | None = None,
+             human: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run the sections whose inputs are given (module docstring); returns the eval.json content.
+    With `settings.human`, `human` holds that annotations database's majority pairs ({rows, dropped}:
+    `raylign.annotation.export.human_majority`); the annotation package sits beside this one, so the
+    caller reads them."""
     from raylign.evaluation.scorers import build_scorer
 
     s = settings
     console = console or Console()
     start = time.perf_counter()
-    plan = plan_eval(s)
+    plan = plan_eval(s, human)
     out_dir = Path(s.out).expanduser()
     out_dir.mkdir(parents=True, exist_ok=True)
 
