@@ -40,6 +40,8 @@ from typing import Any
 
 import psutil
 
+from raylign.errors import UserError
+
 STATE_FILE = "cluster.json"
 ENV_FILE = "env.sh"
 TOKEN_FILE = "auth_token"
@@ -49,7 +51,7 @@ NODE_PORTS = ("--node-manager-port", "--object-manager-port", "--dashboard-agent
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-class ClusterError(RuntimeError):
+class ClusterError(UserError, RuntimeError):
     """The local cluster could not be started or stopped; the message says why and what to do."""
 
 

@@ -26,14 +26,16 @@ from typing import Any
 
 import numpy as np
 
+from raylign.errors import UserError
+
 log = logging.getLogger(__name__)
 
 
-class ResourceError(RuntimeError):
+class ResourceError(UserError, RuntimeError):
     """The cluster cannot host the requested actors; the message says what to change."""
 
 
-class RunStopped(RuntimeError):
+class RunStopped(UserError, RuntimeError):
     """A run ended on purpose with one message: a non-finite loss, a dead or hung worker, a full disk.
     The message names what happened and what to do; the last checkpoint is intact."""
 

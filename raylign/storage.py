@@ -31,11 +31,13 @@ from typing import Literal
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from raylign.errors import UserError
+
 COMPLETE_MARKER = "_RAYLIGN_COMPLETE"  # written last into every directory put_dir uploads
 STAGING_DIR = ".staging"  # <storage>/<run>/.staging/<id>/: directories on their way to the driver
 
 
-class StorageError(RuntimeError):
+class StorageError(UserError, RuntimeError):
     """A storage URI that cannot be used or a directory that is not there; the message says what to do."""
 
 

@@ -273,18 +273,6 @@ def add_annotate_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from raylign.config import ConfigError
-    from raylign.data import DataError
-    from raylign.models import ModelNotFoundError
-    from raylign.rewards import RewardSourceError
-    from raylign.runtime import ResourceError, RunStopped
-
-    # make samples on Ray: an unknown model or too few CPUs is one line too
-    return (ConfigError, DataError, ModelNotFoundError, RewardSourceError, ResourceError, RunStopped,
-            FileNotFoundError)
-
-
 def main(argv: list[str] | None = None) -> int:
     """`raylign annotate ...` on its own: user errors are one line on stderr (exit 2)."""
     parser = argparse.ArgumentParser(prog="raylign")
@@ -296,7 +284,9 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
-        if isinstance(exc, _user_errors()):
+        from raylign.errors import UserError
+
+        if isinstance(exc, (UserError, FileNotFoundError)):  # an unknown model or too few CPUs too
             print(f"error: {exc}", file=sys.stderr, flush=True)
             return 2
         raise

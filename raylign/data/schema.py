@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from raylign.errors import UserError
+
 KINDS = ("prompts", "pairs", "unpaired", "ratings", "text")
 ROLES = ("system", "user", "assistant")
 MAX_ERRORS_SHOWN = 20
@@ -41,7 +43,7 @@ KIND_NEEDS = {
 }
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data file the user must fix; `errors` holds the problems in file order (all of them, up to
     MAX_ERRORS_KEPT), `count` how many there were; the message shows the first ones."""
 

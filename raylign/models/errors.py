@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from raylign.errors import UserError
 
-class ModelNotFoundError(ValueError):
+
+class ModelNotFoundError(UserError, ValueError):
     """A model name that resolves to nothing; the message lists names that work offline."""

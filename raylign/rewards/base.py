@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from raylign.errors import UserError
+
 # The spec forms `build_reward_source` understands; every RewardSourceError message lists them.
 SPEC_FORMS = (
     "'lexicon:vader' (VADER sentiment valence in [-1, 1]); "
@@ -33,7 +35,7 @@ SPEC_FORMS = (
 )
 
 
-class RewardSourceError(ValueError):
+class RewardSourceError(UserError, ValueError):
     """A reward source spec or callable the user must fix; the message names the spec."""
 
 

@@ -14,6 +14,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from raylign.errors import UserError
 from raylign.runtime import ResourceError, RunStopped
 
 # `resources.*_placement` words; anything else names a node resource (node_a from `raylign cluster up`).
@@ -33,16 +34,6 @@ def shard_batch(batch: dict[str, Any], n: int) -> list[dict[str, Any]]:
     (size,) = sizes
     bounds = np.cumsum([0] + [len(part) for part in np.array_split(np.arange(size), n)])
     return [{k: v[bounds[i] : bounds[i + 1]] for k, v in batch.items()} for i in range(n)]
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors an actor raises for the user to fix (their message is the whole story)."""
-    from raylign.config import ConfigError
-    from raylign.data.schema import DataError
-    from raylign.models.errors import ModelNotFoundError
-    from raylign.rewards.base import RewardSourceError
-
-    return (RunStopped, ConfigError, DataError, ModelNotFoundError, RewardSourceError, ResourceError)
 
 
 def gather(refs: Sequence[ray.ObjectRef], labels: Sequence[str], timeout_s: float | None = None) -> list[Any]:
@@ -72,7 +63,7 @@ def _raise_if_failed(ref: ray.ObjectRef, label: str) -> None:
         ray.get(ref, timeout=0)
     except RayTaskError as exc:
         cause = getattr(exc, "cause", None)
-        if isinstance(cause, _user_errors()):
+        if isinstance(cause, UserError):
             raise cause from None
         raise
     except RayActorError as exc:
