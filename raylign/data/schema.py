@@ -366,6 +366,8 @@ ALGORITHM_KINDS: dict[str, tuple[str, ...]] = {
     "rloo": ("prompts",),
     "reinforce_pp": ("prompts",),
     "adversarial": ("prompts", "pairs"),
+    "dqn": ("prompts",),  # raylign.rllib: one episode per prompt
+    "rllib_ppo": ("prompts",),
 }
 # A multi-task run (`algorithm: multitask`) needs, per task, the kinds of its type.
 TASK_KINDS: dict[str, tuple[str, ...]] = {
