@@ -115,6 +115,18 @@ def put_dir(local: str | Path, uri: str) -> str:
     return uri
 
 
+def _swap_into_place(tmp: Path, dest: Path) -> None:
+    """Rename the finished directory `tmp` to `dest`; an existing `dest` is moved aside first and
+    removed after, so `dest` is at every moment either the old directory or the new one."""
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(dest, old)
+        os.replace(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, dest)
+
+
 def get_dir(uri: str, local: str | Path, require_complete: bool = True) -> Path:
     """Download the complete directory at `uri` to `local` (via a temp sibling and a rename; an existing
     `local` is replaced only once the copy is complete). `require_complete=False` takes any directory
@@ -133,13 +145,7 @@ def get_dir(uri: str, local: str | Path, require_complete: bool = True) -> Path:
         tmp.mkdir(parents=True)
         pafs.copy_files(path, str(tmp.resolve()), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
         (tmp / COMPLETE_MARKER).unlink(missing_ok=True)
-        if local.exists():
-            old = local.with_name(f".{local.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(local, old)
-            os.replace(tmp, local)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, local)
+        _swap_into_place(tmp, local)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return local
@@ -215,13 +221,7 @@ def unpack_dir(files: dict[str, bytes], dest: str | Path) -> Path:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
         tmp.mkdir(parents=True, exist_ok=True)
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(dest, old)
-            os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
+        _swap_into_place(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest

@@ -28,6 +28,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from raylign.localcluster import free_ports
 from tests.conftest import synthetic_pairs, write_jsonl
 
 # The job's entrypoint: a tiny GRPO run. It runs in the job's working dir, which holds only pairs.jsonl
@@ -44,20 +45,6 @@ PORT_FLAGS = ("--port", "--dashboard-port", "--ray-client-server-port", "--node-
               "--runtime-env-agent-port", "--metrics-export-port")
 
 NO_PROXY_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct ports nothing listens on (on any interface), held open together while picked."""
-    sockets = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def home_token_state() -> str | None:
