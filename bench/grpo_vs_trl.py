@@ -495,17 +495,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def measure_peak(args: argparse.Namespace, model_dir: str) -> dict[str, Any] | None:
-    """bench/peak.py's float32 matmul peak at the model's shapes and its memory bandwidth, now, in this run."""
-    if not args.peak_tokens:
-        return None
-    import torch
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model_dir)
-    res = peak.peak_flops(torch.float32, peak.model_shapes(config, args.peak_tokens), threads=args.threads)
-    print(f"machine peak (bench/peak.py, float32, {args.threads} threads, {args.peak_tokens}-row matmuls at "
-          f"{args.model}'s shapes): {res['gflops']:.3g} GFLOP/s; load avg {os.getloadavg()[0]:.1f}", flush=True)
-    return {"config": config, "gflops": res["gflops"], "per_shape_gflops": res["per_shape_gflops"]}
+    """bench/peak.py's float32 matmul peak at the model's shapes, now, in this run (None: --peak-tokens 0)."""
+    return peak.model_peak(model_dir, args.model, args.peak_tokens, args.threads) if args.peak_tokens else None
 
 
 def learner_mfu(args: argparse.Namespace, r: Result) -> dict[str, float] | None:

@@ -264,6 +264,19 @@ def load_config_of(model: str) -> Any:
     return AutoConfig.from_pretrained(resolve_model_path(model))
 
 
+
+def model_peak(model_dir: str, model_name: str, tokens: int, threads: int) -> dict[str, Any]:
+    """The float32 matmul peak at `model_dir`'s shapes with `tokens` rows, printed with the load:
+    {config, gflops, per_shape_gflops}, what the training benchmarks divide their FLOPs by for the MFU."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    res = peak_flops(torch.float32, model_shapes(config, tokens), threads=threads)
+    print(f"machine peak (bench/peak.py, float32, {threads} threads, {tokens}-row matmuls at "
+          f"{model_name}'s shapes): {res['gflops']:.3g} GFLOP/s; load avg {os.getloadavg()[0]:.1f}", flush=True)
+    return {"config": config, "gflops": res["gflops"], "per_shape_gflops": res["per_shape_gflops"]}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
