@@ -127,10 +127,11 @@ def _swap_into_place(tmp: Path, dest: Path) -> None:
         os.replace(tmp, dest)
 
 
-def get_dir(uri: str, local: str | Path, require_complete: bool = True) -> Path:
+def get_dir(uri: str, local: str | Path, require_complete: bool = True, part: str = "") -> Path:
     """Download the complete directory at `uri` to `local` (via a temp sibling and a rename; an existing
     `local` is replaced only once the copy is complete). `require_complete=False` takes any directory
-    (one not uploaded by `put_dir`, e.g. a model a user copied there)."""
+    (one not uploaded by `put_dir`, e.g. a model a user copied there). `part`: only that sub-directory
+    of it (one learner's share of a checkpoint), which `uri`'s marker vouches for."""
     fs, path = resolve(uri)
     if not require_complete and _kind(fs, path) != pafs.FileType.Directory:
         raise StorageError(f"{uri} is not a directory")
@@ -143,7 +144,10 @@ def get_dir(uri: str, local: str | Path, require_complete: bool = True) -> Path:
     tmp = local.with_name(f".{local.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         tmp.mkdir(parents=True)
-        pafs.copy_files(path, str(tmp.resolve()), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        source = f"{path}/{part.strip('/')}" if part.strip("/") else path
+        if _kind(fs, source) != pafs.FileType.Directory:
+            raise StorageError(f"{uri} holds no {part}/; check output.storage and the run name")
+        pafs.copy_files(source, str(tmp.resolve()), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
         (tmp / COMPLETE_MARKER).unlink(missing_ok=True)
         _swap_into_place(tmp, local)
     finally:
@@ -312,17 +316,28 @@ def receive(handoff: Handoff, delivered: Delivered | None) -> None:
         else:
             assert delivered.files is not None
             unpack_dir(delivered.files, target)
-        if target != dest:  # merge: each delivered entry replaces its namesake, the rest of dest stays
-            for entry in target.iterdir():
-                old = dest / entry.name
-                if old.is_dir() and not old.is_symlink():
-                    shutil.rmtree(old)
-                elif old.exists():
-                    old.unlink()
-                os.replace(entry, old)
+        if target != dest:
+            _merge_into(target, dest)
     finally:
         if target != dest:
             shutil.rmtree(target, ignore_errors=True)
+
+
+def _merge_into(src: Path, dest: Path) -> None:
+    """Move `src`'s entries into `dest`: a folder both hold merges (two FSDP ranks on two nodes each
+    deliver their own files of the same `sharded/`), any other entry replaces its namesake, and the
+    rest of `dest` stays."""
+    for entry in src.iterdir():
+        old = dest / entry.name
+        real_dir = old.is_dir() and not old.is_symlink()
+        if entry.is_dir() and not entry.is_symlink() and real_dir:
+            _merge_into(entry, old)
+            continue
+        if real_dir:
+            shutil.rmtree(old)
+        elif old.exists() or old.is_symlink():
+            old.unlink()
+        os.replace(entry, old)
 
 
 @dataclass(frozen=True)
@@ -334,12 +349,14 @@ class Source:
     driver_node_id: str | None = None
     storage_uri: str | None = None  # where the same directory lies on storage (read from there off-node)
     files: dict[str, bytes] | None = None  # off-node without storage: the files themselves
+    part: str = ""  # the directory is this sub-directory of the complete one at storage_uri
 
     @classmethod
-    def of(cls, path: str | Path, storage_uri: str | None = None, ship: bool = False) -> Source:
-        """`ship`: pack the files too, for actors off the driver's node when there is no storage."""
+    def of(cls, path: str | Path, storage_uri: str | None = None, ship: bool = False, part: str = "") -> Source:
+        """`ship`: pack the files too, for actors off the driver's node when there is no storage;
+        `part`: `path` is that sub-directory of what `storage_uri` holds (a checkpoint's `critic/`)."""
         return cls(str(Path(path).absolute()), current_node_id(), storage_uri,
-                   pack_dir(path) if ship and not storage_uri else None)
+                   pack_dir(path) if ship and not storage_uri else None, part)
 
 
 class ActorInput:
@@ -356,7 +373,7 @@ class ActorInput:
             return Path(src.path)
         self._tmp = Path(tempfile.mkdtemp(prefix="raylign-in-"))
         if src.storage_uri:
-            return get_dir(src.storage_uri, self._tmp / "dir")
+            return get_dir(src.storage_uri, self._tmp / "dir", part=src.part)
         if src.files is not None:
             return unpack_dir(src.files, self._tmp / "dir")
         raise StorageError(f"{src.path} is on the driver's node and this actor runs on another one: set "

@@ -197,14 +197,9 @@ def _run(config: RunConfig, algorithm: Algorithm, run: RunDir, resume: bool, on_
     start, checkpoint = 0, latest_checkpoint(run, config.output.storage) if resume else None
     if checkpoint is not None:
         state = read_trainer_state(checkpoint)
-        stored = storage.join(config.output.storage, run.name, CHECKPOINTS_DIR, checkpoint.name) \
-            if config.output.storage else None
         for slot in algorithm.learners:
-            # Learners off this node read it from storage, or from files shipped through the object store.
-            far = off_driver_node(slot.group)
-            source = storage.Source.of(checkpoint / slot.subdir, stored and storage.join(stored, slot.subdir),
-                                       ship=True) if far else None
-            slot.group.call("load_checkpoint", str(checkpoint / slot.subdir), **({"source": source} if far else {}))
+            source = checkpoint_source(config.output.storage, run, checkpoint, slot.subdir, slot.group)
+            slot.group.call("load_checkpoint", str(checkpoint / slot.subdir), **({"source": source} if source else {}))
         algorithm.load_state(checkpoint, state)
         start = int(state["step"])
         run.truncate_logs_after(start)
@@ -324,6 +319,16 @@ def off_driver_node(group: WorkerGroup) -> bool:
     """Whether any of the group's actors runs on another node than this driver."""
     here = storage.current_node_id()
     return any(node != here for node in getattr(group, "node_ids", ()))  # () for groups without actors
+
+
+def checkpoint_source(uri: str | None, run: RunDir, checkpoint: Path, subdir: str,
+                      group: WorkerGroup) -> storage.Source | None:
+    """Where `group`'s actors read `checkpoint/subdir` from: None when they all run on this node (they
+    read the path itself); else its copy on `output.storage`, or its files shipped through the object store."""
+    if not off_driver_node(group):
+        return None
+    stored = storage.join(uri, run.name, CHECKPOINTS_DIR, checkpoint.name) if uri else None
+    return storage.Source.of(checkpoint / subdir, stored, ship=True, part=subdir)
 
 
 def push_checkpoint(checkpoint: Path, uri: str, run: RunDir) -> None:

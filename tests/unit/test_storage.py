@@ -147,3 +147,50 @@ def test_an_actor_off_the_drivers_node_reads_a_checkpoint_from_storage_or_shippe
         assert src != ckpt and _tree(src) == FILES
         local = src
     assert not local.exists()  # the node-local copy is removed afterwards
+
+
+@pytest.mark.parametrize("route", ["storage", "object"])
+def test_two_sharded_learners_on_two_other_nodes_deliver_one_checkpoint_between_them(tmp_path, monkeypatch, route):
+    """FSDP ranks on different nodes each deliver their own files of the same `sharded/` folder (rank 0
+    also the index and the model dir); the driver's merges keep both ranks' shards, and a stale file of
+    an older attempt is replaced, not kept beside."""
+    node = {"id": "driver"}
+    monkeypatch.setattr(storage, "current_node_id", lambda: node["id"])
+    dest = tmp_path / "run" / "checkpoints" / ".tmp_step_3" / "policy"
+    handoff = storage.Handoff.to(dest, str(tmp_path / "store" / "run") if route == "storage" else None, merge=True)
+    ranks = {
+        "node_b": {"sharded/__0_0.distcp": b"rank0", "sharded/.metadata": b"index", "model/config.json": b"{}"},
+        "node_c": {"sharded/__1_0.distcp": b"rank1"},
+    }
+    _make(dest, {"sharded/__1_0.distcp": b"stale"})
+    deliveries = []
+    for where, files in ranks.items():
+        node["id"] = where
+        writer = storage.ActorOutput(handoff)
+        with writer as out:
+            _make(out, files)
+        deliveries.append(writer.delivered)
+    node["id"] = "driver"
+    for delivered in deliveries:
+        storage.receive(handoff, delivered)
+    assert _tree(dest) == ranks["node_b"] | ranks["node_c"]
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["policy"]  # no temp sibling left
+
+
+def test_an_actor_off_the_drivers_node_reads_its_part_of_a_stored_checkpoint(tmp_path, monkeypatch):
+    """A checkpoint's `critic/` (or `discriminator/`) is read from the complete checkpoint on storage,
+    whose marker vouches for it; the rest of the checkpoint is not copied to the actor's node."""
+    node = {"id": "driver"}
+    monkeypatch.setattr(storage, "current_node_id", lambda: node["id"])
+    ckpt = _make(tmp_path / "run" / "checkpoints" / "step_1", {"trainer_state.json": b"{}",
+                                                               **{f"critic/{k}": v for k, v in FILES.items()}})
+    uri = storage.put_dir(ckpt, str(tmp_path / "store" / "step_1"))
+    source = storage.Source.of(ckpt / "critic", uri, ship=True, part="critic")
+    assert source.files is None  # storage is set: nothing rides the object store
+    missing = storage.Source.of(ckpt / "discriminator", uri, part="discriminator")
+    node["id"] = "worker"
+    with storage.ActorInput(source) as src:
+        assert _tree(src) == FILES
+    with pytest.raises(storage.StorageError, match="holds no discriminator/"):
+        with storage.ActorInput(missing):
+            pass
