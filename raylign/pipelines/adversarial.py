@@ -28,9 +28,10 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 from rich.console import Console
 
+from raylign import storage
 from raylign.algorithms.adversarial import mc_prefix_values
 from raylign.config import ConfigError, RunConfig
-from raylign.pipelines.loop import step_indices
+from raylign.pipelines.loop import checkpoint_source, run_storage, step_indices
 from raylign.pipelines.online import run_online
 from raylign.rundir import ADVERSARIAL_STATE, DISCRIMINATOR_DIR, RunResult
 from raylign.runtime import Purpose, rng
@@ -93,7 +94,9 @@ class AdversarialGame:
     def start(self, state, run, checkpoint: Path | None) -> None:
         """Restore D and the replay buffer from `checkpoint`, or warm D up on the initial policy."""
         if checkpoint is not None:
-            state.reward_group.call("load_discriminator", str(checkpoint / DISCRIMINATOR_DIR))
+            source = checkpoint_source(self.config.output.storage, run, checkpoint, DISCRIMINATOR_DIR,
+                                       state.reward_group)
+            state.reward_group.call("load_discriminator", str(checkpoint / DISCRIMINATOR_DIR), source=source)
             saved = json.loads((checkpoint / ADVERSARIAL_STATE).read_text())
             self.replay.extend((p, t) for p, t in saved["replay"])
             self.accuracies, self.warned = saved["accuracies"], saved["warned"]
@@ -151,17 +154,22 @@ class AdversarialGame:
         return out
 
     def save(self, state, path: Path) -> None:
-        state.reward_group.get([state.reward_group.workers[0].save_discriminator.remote(str(path / DISCRIMINATOR_DIR))],
-                               "save_discriminator")
+        self._save_d(state, path / DISCRIMINATOR_DIR)
         (path / ADVERSARIAL_STATE).write_text(json.dumps(
             {"replay": list(self.replay), "accuracies": self.accuracies, "warned": self.warned}))
 
     def finish(self, state, run) -> None:
-        state.reward_group.get(
-            [state.reward_group.workers[0].save_discriminator.remote(str(run.final / DISCRIMINATOR_DIR))],
-            "save_discriminator")
+        self._save_d(state, run.final / DISCRIMINATOR_DIR)
 
     # ---- helpers -------------------------------------------------------------------------------
+    def _save_d(self, state, path: Path) -> None:
+        """D (every reward actor holds the same copy: the first one's) into `path` on this node, by way of
+        `output.storage` or the object store when that actor runs on another node."""
+        handoff = storage.Handoff.to(path, run_storage(self.config.output.storage, state.run))
+        worker = state.reward_group.workers[0]
+        delivered = state.reward_group.get([worker.save_discriminator.remote(str(path), handoff)], "save_discriminator")
+        storage.receive(handoff, delivered[0])
+
     def _update_d(self, state, draws: np.random.Generator, prompts: list[Any], texts: list[str],
                   indices: np.ndarray, ceiling: float) -> dict[str, float]:
         """D's k_D updates on this step's samples (+ replay) against human texts; the same on every

@@ -164,7 +164,8 @@ class MultiTaskTraining(Algorithm):
         r = self.config.resources
         self.group = WorkerGroup(MultiTaskLearner, r.learners, r.cpus_per_learner, r.gpus_per_learner,
                                  name="multitask-learners", init_kwargs={"config": self.config},
-                                 actor_name_prefix=f"{run.actor_prefix}-learner", call_timeout_s=r.call_timeout_s)
+                                 actor_name_prefix=f"{run.actor_prefix}-learner", call_timeout_s=r.call_timeout_s,
+                                 placement=r.learner_placement)
         self.learners = [LearnerSlot(self.group)]
 
     def prepare(self, run: RunDir) -> None:

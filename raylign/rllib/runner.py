@@ -215,7 +215,7 @@ class RLlibRun:
         self.reward = WorkerGroup(
             RewardWorker, r.reward_workers, r.cpus_per_reward_worker, r.gpus_per_reward_worker, name="reward",
             max_restarts=REWARD_RESTARTS, actor_name_prefix=f"{prefix}-reward", call_timeout_s=r.call_timeout_s,
-            init_kwargs={"reward": config.reward, "tokenizer": config.model.path})
+            init_kwargs={"reward": config.reward, "tokenizer": config.model.path}, placement=r.reward_placement)
         gather(self.reward.ready_async(), [f"reward[{i}].__init__" for i in range(len(self.reward))])
         log_name = f"{prefix}-episodes"
         self.episode_log = ray.remote(num_cpus=0)(EpisodeLog).options(name=log_name).remote()

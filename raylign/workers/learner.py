@@ -385,23 +385,27 @@ class LearnerWorker:
             return self._save_sharded_checkpoint(path, with_model_dir, handoff)
         if self.rank != 0:
             return None
-        from raylign.models import save_model
-
         self.check_weights_finite()
         writer = ActorOutput(handoff or Handoff(path))
         with writer as out:
             out.mkdir(parents=True, exist_ok=True)
-            if with_model_dir:
-                save_model(self.model, self.tokenizer, out / MODEL_DIR, merge_lora=True)
-            save_file(self.trainable_state(), str(out / TRAINABLE_WEIGHTS))
-            assert self.optimizer is not None and self.scheduler is not None, "setup_optimizer first"
-            torch.save(
-                {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
-                out / OPTIMIZER_STATE,
-            )
-            torch.save({"torch": torch.get_rng_state()}, out / RNG_STATE)
-            (out / LEARNER_INFO).write_text(json.dumps({"world_size": self.world_size, "strategy": "ddp"}))
+            self._write_checkpoint(out, with_model_dir)
         return writer.delivered
+
+    def _write_checkpoint(self, out: Path, with_model_dir: bool) -> None:
+        """Rank 0's checkpoint files into `out` (a subclass adds its own after these)."""
+        from raylign.models import save_model
+
+        if with_model_dir:
+            save_model(self.model, self.tokenizer, out / MODEL_DIR, merge_lora=True)
+        save_file(self.trainable_state(), str(out / TRAINABLE_WEIGHTS))
+        assert self.optimizer is not None and self.scheduler is not None, "setup_optimizer first"
+        torch.save(
+            {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+            out / OPTIMIZER_STATE,
+        )
+        torch.save({"torch": torch.get_rng_state()}, out / RNG_STATE)
+        (out / LEARNER_INFO).write_text(json.dumps({"world_size": self.world_size, "strategy": "ddp"}))
 
     def _save_sharded_checkpoint(self, path: str, with_model_dir: bool, handoff: Handoff | None) -> Delivered | None:
         """fsdp, on every rank: DCP shards of the trainable weights and the optimizer state in
@@ -447,22 +451,24 @@ class LearnerWorker:
                 self.scheduler.load_state_dict(torch.load(src / OPTIMIZER_STATE, weights_only=True)["scheduler"])
                 torch.set_rng_state(torch.load(src / RNG_STATE, weights_only=True)["torch"])
                 return
-            state = load_file(str(src / TRAINABLE_WEIGHTS))
-            missing = set(self.trainable_state()) - set(state)
-            if missing:
-                raise ValueError(f"checkpoint {path} lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[:3]}")
-            self.model.load_state_dict(state, strict=False)
-            opt = torch.load(src / OPTIMIZER_STATE, weights_only=True)
-            assert self.optimizer is not None and self.scheduler is not None, "setup_optimizer first"
-            self.optimizer.load_state_dict(opt["optimizer"])
-            self.scheduler.load_state_dict(opt["scheduler"])
-            torch.set_rng_state(torch.load(src / RNG_STATE, weights_only=True)["torch"])
+            self._read_checkpoint(src)
+
+    def _read_checkpoint(self, src: Path) -> None:
+        """What `_write_checkpoint` wrote, from a local directory (a subclass reads its own files too)."""
+        state = load_file(str(src / TRAINABLE_WEIGHTS))
+        missing = set(self.trainable_state()) - set(state)
+        if missing:
+            raise ValueError(f"checkpoint {src} lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[:3]}")
+        self.model.load_state_dict(state, strict=False)
+        opt = torch.load(src / OPTIMIZER_STATE, weights_only=True)
+        assert self.optimizer is not None and self.scheduler is not None, "setup_optimizer first"
+        self.optimizer.load_state_dict(opt["optimizer"])
+        self.scheduler.load_state_dict(opt["scheduler"])
+        torch.set_rng_state(torch.load(src / RNG_STATE, weights_only=True)["torch"])
 
     def save_final(self, path: str, handoff: Handoff | None = None) -> Delivered | None:
         """Rank 0 writes `final/` (a plain HF model dir) at `path`, or for `handoff` to carry there.
         Under fsdp every rank takes part in gathering the weights into rank 0's unsharded copy."""
-        from raylign.models import save_model
-
         self.check_weights_finite()
         model = self._gathered_model() if self.sharded else self.model
         if self.rank != 0:
@@ -471,11 +477,17 @@ class LearnerWorker:
         try:
             writer = ActorOutput(handoff or Handoff(path))
             with writer as out:
-                save_model(model, self.tokenizer, out, merge_lora=self.config.model.lora is None
-                           or self.config.model.lora.merge_on_save)
+                self._write_final(model, out)
         finally:
             self._release_gathered()
         return writer.delivered
+
+    def _write_final(self, model: torch.nn.Module, out: Path) -> None:
+        """Rank 0's `final/` into `out`: the HF model directory (a subclass adds its own files after it)."""
+        from raylign.models import save_model
+
+        save_model(model, self.tokenizer, out, merge_lora=self.config.model.lora is None
+                   or self.config.model.lora.merge_on_save)
 
     def shutdown(self) -> None:
         if dist.is_initialized():

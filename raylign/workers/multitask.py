@@ -32,7 +32,6 @@ from raylign.data.batches import rating_sums
 from raylign.models.heads import last_token_index
 from raylign.models.hf import as_hf
 from raylign.runtime import Purpose, derive_seed
-from raylign.storage import Handoff, Source
 from raylign.workers.learner import LearnerWorker, micro_batches
 from raylign.workers.objectives import make_objective, sft_objective
 
@@ -52,14 +51,6 @@ def _grad(p: torch.Tensor) -> torch.Tensor:
     """`p.grad` right after a backward pass through `p`."""
     assert p.grad is not None, "no gradient reached this parameter"
     return p.grad
-
-
-def _on_driver_node(transfer: Handoff | Source | None) -> None:
-    """The driver passes a Handoff/Source only to learners on another node than its own: the rating
-    heads and task weights are written beside the model by path, which needs the driver's disk."""
-    if transfer is not None:
-        raise ConfigError("multitask learners write their checkpoints on the driver's node only: set "
-                          "resources.learner_placement to the driver's node resource (e.g. node_a, the head)")
 
 
 class MultiTaskLearner(LearnerWorker):
@@ -248,27 +239,22 @@ class MultiTaskLearner(LearnerWorker):
             out[name] = sums
         return out
 
-    # ---- checkpoints ---------------------------------------------------------------------------
-    def save_checkpoint(self, path: str, with_model_dir: bool = True, handoff: Handoff | None = None) -> None:
-        _on_driver_node(handoff)
-        super().save_checkpoint(path, with_model_dir)
-        if self.rank == 0:
-            out = Path(path)
-            self._save_heads(out / RATING_HEADS_DIR)
-            state = self.weighting.state_dict()
-            if state:
-                save_file(state, str(out / "task_weighting.safetensors"))
+    # ---- checkpoints: the rating heads and the task weights beside the learner's own files ----------
+    def _write_checkpoint(self, out: Path, with_model_dir: bool) -> None:
+        super()._write_checkpoint(out, with_model_dir)
+        self._save_heads(out / RATING_HEADS_DIR)
+        state = self.weighting.state_dict()
+        if state:
+            save_file(state, str(out / "task_weighting.safetensors"))
 
-    def load_checkpoint(self, path: str, source: Source | None = None) -> None:
-        _on_driver_node(source)
-        src = Path(path)
+    def _read_checkpoint(self, src: Path) -> None:
         heads = src / RATING_HEADS_DIR / "heads.safetensors"
         if heads.exists():
             self.heads.load_state_dict(load_file(str(heads)))
         weighting = src / "task_weighting.safetensors"
         if weighting.exists():
             self.weighting.load_state_dict(load_file(str(weighting)))
-        super().load_checkpoint(path)
+        super()._read_checkpoint(src)
 
     def _save_heads(self, out: Path) -> None:
         """The rating heads (safetensors) and, per head, the ratings' mean/std to undo standardisation:
@@ -283,14 +269,12 @@ class MultiTaskLearner(LearnerWorker):
                          "std": self.rating_stats.get(name, (0.0, 1.0))[1]} for name in self.heads}
         (out / "heads.json").write_text(json.dumps(record, indent=2) + "\n")
 
-    def save_final(self, path: str, handoff: Handoff | None = None) -> None:
-        _on_driver_node(handoff)
-        super().save_final(path)
-        if self.rank == 0:
-            self._save_heads(Path(path) / RATING_HEADS_DIR)
-            for name in self.heads:
-                if self.tasks[name].head == "regression":
-                    self._save_rating_scorer(Path(path), name)
+    def _write_final(self, model: torch.nn.Module, out: Path) -> None:
+        super()._write_final(model, out)
+        self._save_heads(out / RATING_HEADS_DIR)
+        for name in self.heads:
+            if self.tasks[name].head == "regression":
+                self._save_rating_scorer(out, name)
 
     def _save_rating_scorer(self, final: Path, name: str) -> None:
         """`final/rating_heads/<task>/`: a reward-model directory (`ScalarHeadModel` format) that scores

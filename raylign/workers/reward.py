@@ -10,6 +10,7 @@ import torch
 
 from raylign.config import RewardConfig, as_section
 from raylign.runtime import cpu_threads
+from raylign.storage import ActorInput, ActorOutput, Delivered, Handoff, Source
 
 
 class RewardWorker:
@@ -52,13 +53,20 @@ class RewardWorker:
     def update(self, prompts: list[Any], completions: list[str], **batch: Any) -> dict[str, float]:
         return self.mix.update(prompts, completions, **batch)
 
-    def save_discriminator(self, path: str) -> None:
+    def save_discriminator(self, path: str, handoff: Handoff | None = None) -> Delivered | None:
+        """D into `path` on the driver's node: written there directly, or (this actor on another node)
+        into a local temp dir that travels by `output.storage` or the object store (`storage.receive`)."""
         assert self.discriminator is not None, "this reward worker was built without a discriminator"
-        self.discriminator.save(path)
+        writer = ActorOutput(handoff or Handoff(path))
+        with writer as out:
+            self.discriminator.save(out)
+        return writer.delivered
 
-    def load_discriminator(self, path: str) -> None:
+    def load_discriminator(self, path: str, source: Source | None = None) -> None:
+        """D from `path`, or from a local copy of it when `source` says it is on another node."""
         assert self.discriminator is not None, "this reward worker was built without a discriminator"
-        self.discriminator.load(path)
+        with ActorInput(source or Source(path)) as src:
+            self.discriminator.load(src)
 
 
 def merge_scores(parts: list[dict[str, Any]]) -> dict[str, Any]:
