@@ -133,6 +133,7 @@ def get_dir(uri: str, local: str | Path, require_complete: bool = True, part: st
     (one not uploaded by `put_dir`, e.g. a model a user copied there). `part`: only that sub-directory
     of it (one learner's share of a checkpoint), which `uri`'s marker vouches for."""
     fs, path = resolve(uri)
+    part = part.strip("/")
     if not require_complete and _kind(fs, path) != pafs.FileType.Directory:
         raise StorageError(f"{uri} is not a directory")
     if require_complete and not exists(uri):
@@ -144,7 +145,7 @@ def get_dir(uri: str, local: str | Path, require_complete: bool = True, part: st
     tmp = local.with_name(f".{local.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         tmp.mkdir(parents=True)
-        source = f"{path}/{part.strip('/')}" if part.strip("/") else path
+        source = f"{path}/{part}" if part else path
         if _kind(fs, source) != pafs.FileType.Directory:
             raise StorageError(f"{uri} holds no {part}/; check output.storage and the run name")
         pafs.copy_files(source, str(tmp.resolve()), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())

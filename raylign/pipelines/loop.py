@@ -199,7 +199,7 @@ def _run(config: RunConfig, algorithm: Algorithm, run: RunDir, resume: bool, on_
         state = read_trainer_state(checkpoint)
         for slot in algorithm.learners:
             source = checkpoint_source(config.output.storage, run, checkpoint, slot.subdir, slot.group)
-            slot.group.call("load_checkpoint", str(checkpoint / slot.subdir), **({"source": source} if source else {}))
+            slot.group.call("load_checkpoint", str(checkpoint / slot.subdir), source=source)
         algorithm.load_state(checkpoint, state)
         start = int(state["step"])
         run.truncate_logs_after(start)
